@@ -1,0 +1,9 @@
+"""sparseforge: make transformer language models sparse, small and fast, and measure it."""
+
+__version__ = "0.1.0"
+
+from sparseforge.api import compress, evaluate, load, load_tokenizer, save  # noqa: E402
+from sparseforge.errors import UserInputError  # noqa: E402
+from sparseforge.recipe import Recipe, load_recipe  # noqa: E402
+
+__all__ = ["compress", "evaluate", "load", "load_tokenizer", "save", "load_recipe", "Recipe", "UserInputError", "__version__"]

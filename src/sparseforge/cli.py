@@ -1,0 +1,251 @@
+"""The `sparseforge` command line. Bad input exits with status 2 and one line on stderr; nothing half-written."""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import pathlib
+import sys
+import warnings
+
+from sparseforge.errors import UserInputError
+
+DEFAULT_RUN_DIR = "sparseforge-out"
+# Settings of `sparseforge run`: perplexity on the whole held-out text, fidelity on its first 64 windows of
+# 512 tokens, retrieval at three lengths and five depths with two episodes per cell (kept short for a 2-core CPU).
+RUN_EVAL_SETTINGS = {"retrieval_per_cell": 2, "fidelity_max_windows": 64}
+RUN_TASKS = ("perplexity", "fidelity", "passkey", "multikey", "sparsity", "size", "memory", "speed")
+TABLE_ROWS = (
+    ("perplexity", "perplexity (held-out)", "{:.2f}"),
+    ("kl_to_reference", "KL to dense (nats/token)", "{:.4f}"),
+    ("top1_agreement", "top-1 agreement with dense", "{:.3f}"),
+    ("passkey_accuracy", "passkey accuracy", "{:.3f}"),
+    ("multikey_accuracy", "multi-key accuracy", "{:.3f}"),
+    ("sparsity", "weight sparsity (targeted)", "{:.3f}"),
+    ("size_bytes", "size on disk (MB)", "mb"),
+    ("peak_memory_bytes", "peak memory (MB)", "mb"),
+    ("prefill_tokens_per_s", "prefill tokens/s", "{:.0f}"),
+    ("decode_tokens_per_s", "decode tokens/s", "{:.1f}"),
+)
+
+
+def _fmt(value, fmt: str) -> str:
+    if value is None:
+        return "-"
+    if fmt == "mb":
+        return f"{value / 1e6:.2f}"
+    return fmt.format(value)
+
+
+def side_by_side(columns: dict[str, dict]) -> str:
+    """A Markdown table of the headline metrics, one column per model (plus a ratio for two)."""
+    names = list(columns)
+    header = ["metric", *names] + (["ratio"] if len(names) == 2 else [])
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for key, label, fmt in TABLE_ROWS:
+        values = [columns[n].get(key) for n in names]
+        if all(v is None for v in values):
+            continue
+        row = [label, *(_fmt(v, fmt) for v in values)]
+        if len(names) == 2:
+            a, b = values
+            row.append(f"{b / a:.2f}x" if isinstance(a, (int, float)) and isinstance(b, (int, float)) and a else "-")
+        lines.append("| " + " | ".join(row) + " |")
+    return "\n".join(lines)
+
+
+def _say(args, *text) -> None:
+    if not args.quiet:
+        print(*text, flush=True)
+
+
+def cmd_methods(args) -> int:
+    from sparseforge.methods import all_methods
+    from sparseforge.recipe import presets
+
+    for name, cls in all_methods().items():
+        print(f"{name}  [{cls.family}]  {cls.summary}")
+        for p in cls.describe():
+            print(f"    {p['name']}: {p['type']} = {p['default']!r}  - {p['help']}")
+    print("presets: " + ", ".join(presets()))
+    return 0
+
+
+def cmd_compress(args) -> int:
+    from sparseforge import api
+    from sparseforge.eval.efficiency import weight_sparsity
+    from sparseforge.formats.artifact import check_output_dir, resolve_model_path, save
+    from sparseforge.recipe import load_recipe
+
+    recipe = load_recipe(args.recipe)
+    out = check_output_dir(args.out, args.overwrite)
+    source = resolve_model_path(args.model)
+    model, tokenizer = api.load(args.model), api.load_tokenizer(args.model)
+    _say(args, f"compressing {source} with recipe '{recipe.name}' ({len(recipe.stages)} stage(s))")
+    model, report = api.compress(model, recipe, tokenizer, device=args.device, progress=not args.quiet, inplace=True)
+    sparsity = weight_sparsity(model)
+    metrics = {"sparsity": sparsity["sparsity"], "compress_seconds": report["compress_seconds"]}
+    save(model, out, tokenizer, recipe=recipe, metrics=metrics, overwrite=args.overwrite, base_model=source)
+    _say(args, f"wrote {out}  (sparsity {sparsity['sparsity']:.3f}, {report['compress_seconds']:.1f} s)")
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from sparseforge import api
+    from sparseforge.formats.artifact import resolve_model_path
+
+    from sparseforge.eval.tasks import TASKS
+
+    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()] if args.tasks else None
+    unknown = [t for t in tasks or [] if t not in TASKS]
+    if unknown:
+        raise UserInputError(f"unknown eval task(s) {', '.join(unknown)}; known tasks: {', '.join(TASKS)}")
+    # Check every path before loading anything, so a bad one fails fast with one line.
+    source = resolve_model_path(args.model)
+    if args.reference:
+        resolve_model_path(args.reference)
+    if args.json:
+        _check_writable_file(args.json)
+    model, tokenizer = api.load(args.model, device=args.device), api.load_tokenizer(args.model)
+    reference = api.load(args.reference, device=args.device) if args.reference else None
+    model_dir = source if pathlib.Path(source).is_dir() else None
+    doc = api.evaluate(model, tokenizer, tasks, reference=reference, model_dir=model_dir, settings=_settings(args), model_name=source)
+    if args.json:
+        _write_text(args.json, json.dumps(doc, indent=2) + "\n")
+    _say(args, side_by_side({source: doc["metrics"]}))
+    return 0
+
+
+def cmd_run(args) -> int:
+    import copy
+
+    from sparseforge import api
+    from sparseforge.formats.artifact import atomic_directory, resolve_model_path, save
+    from sparseforge.recipe import load_recipe
+
+    recipe = load_recipe(args.recipe)
+    source = resolve_model_path(args.model)
+    out = pathlib.Path(args.out or os.path.join(DEFAULT_RUN_DIR, f"run-{recipe.name}"))
+    # `run` is the demo job: rerunning it replaces its previous output (atomically), but never a directory
+    # that is not a previous run's output.
+    if out.is_dir() and any(out.iterdir()) and not (out / "results.json").is_file():
+        raise UserInputError(f"'{out}' exists and is not the output of an earlier `sparseforge run`; choose another --out")
+    with atomic_directory(out, overwrite=True) as tmp:
+        dense, tokenizer = api.load(args.model, device=args.device), api.load_tokenizer(args.model)
+        settings = _settings(args)
+        _say(args, f"[1/4] evaluating dense model {source}")
+        dense_doc = api.evaluate(dense, tokenizer, RUN_TASKS, model_dir=source if pathlib.Path(source).is_dir() else None, settings=settings, model_name=source)
+        _say(args, f"[2/4] compressing with recipe '{recipe.name}'")
+        compressed, report = api.compress(copy.deepcopy(dense), recipe, tokenizer, device=args.device, progress=not args.quiet, inplace=True)
+        artifact = tmp / "model"
+        save(compressed, artifact, tokenizer, recipe=recipe, base_model=source)
+        _say(args, "[3/4] evaluating compressed model against the dense one")
+        comp_doc = api.evaluate(compressed, tokenizer, RUN_TASKS, reference=dense, model_dir=artifact, settings=settings, model_name=str(out / "model"))
+        comp_doc["metrics"]["compress_seconds"] = report["compress_seconds"]
+        table = side_by_side({"dense": dense_doc["metrics"], recipe.name: comp_doc["metrics"]})
+        (tmp / "results.json").write_text(json.dumps([dense_doc, comp_doc], indent=2) + "\n")
+        (tmp / "report.md").write_text(_report(source, recipe, table, report, dense_doc["environment"]))
+        _say(args, "[4/4] writing artifact and report")
+    _say(args, "\n" + table + f"\n\ncompressed in {report['compress_seconds']:.1f} s; artifact: {out / 'model'}; report: {out / 'report.md'}")
+    return 0
+
+
+def _report(source, recipe, table, report, env) -> str:
+    stages = "\n".join(f"- {s['method']}: pattern {s['pattern']}, {len(s['projections'])} projections, {s['seconds']:.2f} s" for s in report["stages"])
+    return (
+        f"# sparseforge run: {recipe.name}\n\nModel: `{source}`\n\nMachine: {env.get('cpu')} ({env.get('cpu_count')} cores), "
+        f"device {env.get('device')}, torch {env.get('torch')}, transformers {env.get('transformers')}\n\n"
+        f"## Dense vs. compressed\n\n{table}\n\nRatio: compressed / dense.\n\n## Stages\n\n{stages}\n\n"
+        f"## Recipe\n\n```yaml\n{recipe.to_yaml()}```\n"
+    )
+
+
+def _settings(args) -> dict:
+    settings = dict(RUN_EVAL_SETTINGS)
+    if getattr(args, "max_tokens", None) is not None:
+        settings["max_tokens"] = args.max_tokens
+    return settings
+
+
+def _write_text(path: str, text: str) -> None:
+    """Atomic single-file write: a temporary file in the same directory, then rename."""
+    import tempfile
+
+    target = _check_writable_file(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent)
+    with os.fdopen(fd, "w") as fh:
+        fh.write(text)
+    mask = os.umask(0)
+    os.umask(mask)
+    os.chmod(tmp, 0o666 & ~mask)  # mkstemp makes it private; a results file should follow the umask
+    os.replace(tmp, target)
+
+
+def _check_writable_file(path: str) -> pathlib.Path:
+    target = pathlib.Path(path)
+    if target.is_dir() or not target.parent.is_dir() or not os.access(target.parent, os.W_OK):
+        raise UserInputError(f"cannot write '{target}' (a directory, or its directory is missing or not writable); choose another --json path")
+    return target
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="sparseforge", description="Make transformer LMs sparse, small and fast, and measure it.")
+    parser.add_argument("--quiet", "-q", action="store_true", help="no progress bars or status lines")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def common(p, model_help="model directory or hub id (default: the bundled reference model)"):
+        p.add_argument("--model", default=None, help=model_help)
+        p.add_argument("--device", default=None, help="compute device, e.g. cpu or cuda (default: cpu)")
+        p.add_argument("--quiet", "-q", action="store_true", default=argparse.SUPPRESS, help="no progress bars or status lines")
+
+    p = sub.add_parser("run", help="the main job: compress the model, evaluate dense vs. compressed, save artifact and report")
+    common(p)
+    p.add_argument("--recipe", default=None, help="recipe YAML path or preset name (default: the default preset)")
+    p.add_argument("--out", default=None, help=f"output directory (default: {DEFAULT_RUN_DIR}/run-RECIPE; replaced if present)")
+    p.add_argument("--max-tokens", type=int, default=None, help="evaluate perplexity on at most this many held-out tokens")
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("compress", help="apply a recipe and write an artifact directory")
+    common(p)
+    p.add_argument("--recipe", required=True, help="recipe YAML path or preset name")
+    p.add_argument("--out", required=True, help="artifact directory to create")
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    p.set_defaults(func=cmd_compress)
+
+    p = sub.add_parser("eval", help="evaluate a model; print metrics and optionally write results JSON")
+    common(p)
+    p.add_argument("--tasks", default=None, help="comma-separated tasks (default: all that apply); see docs/metrics.md")
+    p.add_argument("--reference", default=None, help="reference model for KL and top-1 agreement")
+    p.add_argument("--json", default=None, help="write the results document here")
+    p.add_argument("--max-tokens", type=int, default=None, help="evaluate perplexity on at most this many held-out tokens")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("methods", help="list registered methods with their parameters, and the presets")
+    p.set_defaults(func=cmd_methods)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    args.quiet = getattr(args, "quiet", False)
+    if args.quiet:
+        os.environ.setdefault("TQDM_DISABLE", "1")
+        import transformers
+
+        transformers.utils.logging.disable_progress_bar()
+    # transformers' own warnings (e.g. long-sequence tokenizer notices) are noise on this CLI.
+    logging.getLogger("transformers").setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", module="transformers")
+    try:
+        return args.func(args) or 0
+    except UserInputError as exc:
+        print(f"sparseforge: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("sparseforge: interrupted; nothing was written", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

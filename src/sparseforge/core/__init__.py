@@ -1,0 +1,1 @@
+"""Model adapter, masks and patterns, and the layer-by-layer calibration pipeline."""

@@ -1,0 +1,203 @@
+"""Layer-by-layer calibration.
+
+1. Run the model's embedding part on the calibration batches and capture what enters decoder layer 0
+   (hidden states plus the keyword arguments the model passes: masks, position ids, rotary embeddings).
+2. For each layer i in order: move it to the compute device, run it on the captured inputs while forward
+   hooks accumulate statistics of each targeted projection's input, let the method change the layer,
+   then run the (changed) layer again to produce the inputs of layer i+1, and move it back.
+
+Only one decoder layer and its activations sit on the compute device at a time. Passing the changed
+layer's outputs on (the default, `propagate="pruned"`) lets later layers correct for earlier changes, as
+SparseGPT and Wanda do; `propagate="dense"` feeds every layer the dense model's activations instead.
+"""
+from __future__ import annotations
+
+import dataclasses
+import random
+from typing import Callable
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from sparseforge.core.adapter import ModelAdapter, Projection
+from sparseforge.errors import UserInputError
+
+
+@dataclasses.dataclass
+class CalibrationConfig:
+    samples: int = 32
+    seq_len: int = 512
+    source: str = "calibration"  # a bundled split ("calibration", "heldout") or a path to a UTF-8 text file
+    seed: int = 0
+    propagate: str = "pruned"  # which outputs feed the next layer: "pruned" or "dense"
+    device: str | None = None  # compute device; default: where the model's embeddings are
+
+    def validate(self) -> None:
+        if self.samples < 1 or self.seq_len < 2:
+            raise UserInputError(f"calibration needs samples >= 1 and seq_len >= 2, got {self.samples} and {self.seq_len}")
+        if self.propagate not in ("pruned", "dense"):
+            raise UserInputError(f"calibration propagate={self.propagate!r}; allowed: pruned, dense")
+
+
+def calibration_batches(tokenizer, config: CalibrationConfig) -> list[torch.Tensor]:
+    """`samples` windows of `seq_len` tokens at seeded random offsets in the source text, each `[1, seq_len]`."""
+    from sparseforge.data import read_text
+
+    config.validate()
+    ids = tokenizer(read_text(config.source), add_special_tokens=False)["input_ids"]
+    if len(ids) <= config.seq_len:
+        raise UserInputError(
+            f"calibration text has {len(ids)} tokens, fewer than seq_len={config.seq_len}; use a longer text or a shorter seq_len"
+        )
+    rng = random.Random(config.seed)
+    starts = [rng.randrange(0, len(ids) - config.seq_len) for _ in range(config.samples)]
+    return [torch.tensor([ids[s : s + config.seq_len]]) for s in starts]
+
+
+class InputStats:
+    """Running statistics of one projection's input `x` (rows are tokens, columns input features)."""
+
+    def __init__(self, in_features: int, device, hessian: bool):
+        self.n_tokens = 0
+        self.col_sq_sum = torch.zeros(in_features, dtype=torch.float32, device=device)
+        self.hessian = torch.zeros(in_features, in_features, dtype=torch.float32, device=device) if hessian else None
+
+    def add_batch(self, x: torch.Tensor) -> None:
+        x = x.reshape(-1, x.shape[-1]).float()
+        self.n_tokens += x.shape[0]
+        self.col_sq_sum += (x * x).sum(0)
+        if self.hessian is not None:
+            self.hessian += x.t() @ x
+
+    @property
+    def col_norm(self) -> torch.Tensor:
+        """||x_j||_2 over all calibration tokens (Wanda's activation norm)."""
+        return self.col_sq_sum.sqrt()
+
+
+class _StopForward(Exception):
+    pass
+
+
+def _model_device(model: nn.Module) -> torch.device:
+    emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    return emb.weight.device if emb is not None else next(model.parameters()).device
+
+
+def capture_layer_inputs(model: nn.Module, adapter: ModelAdapter, batches, device) -> list[tuple[tuple, dict]]:
+    """Positional and keyword inputs of decoder layer 0, one entry per batch."""
+    captured: list[tuple[tuple, dict]] = []
+
+    def grab(module, args, kwargs):
+        captured.append((args, kwargs))
+        raise _StopForward
+
+    handle = adapter.layers[0].register_forward_pre_hook(grab, with_kwargs=True)
+    try:
+        with torch.inference_mode():
+            for ids in batches:
+                try:
+                    model(input_ids=ids.to(device), use_cache=False)
+                except _StopForward:
+                    pass
+    finally:
+        handle.remove()
+    if len(captured) != len(batches):
+        raise RuntimeError("decoder layer 0 was not reached while capturing calibration inputs")
+    return captured
+
+
+def _hidden_of(args: tuple, kwargs: dict) -> torch.Tensor:
+    return args[0] if args else kwargs["hidden_states"]
+
+
+def _with_hidden(args: tuple, kwargs: dict, hidden: torch.Tensor) -> tuple[tuple, dict]:
+    if args:
+        return (hidden, *args[1:]), kwargs
+    return args, {**kwargs, "hidden_states": hidden}
+
+
+def _run_layer(layer: nn.Module, inputs) -> list[torch.Tensor]:
+    outs = []
+    with torch.inference_mode():
+        for args, kwargs in inputs:
+            out = layer(*args, **kwargs)
+            outs.append(out[0] if isinstance(out, (tuple, list)) else out)
+    return outs
+
+
+LayerFn = Callable[[int, nn.Module, dict[str, Projection], dict[str, InputStats]], None]
+
+
+def run_layerwise(
+    model: nn.Module,
+    layer_fn: LayerFn,
+    targets=("*",),
+    ignore=(),
+    batches: list[torch.Tensor] | None = None,
+    stats: tuple[str, ...] = (),
+    config: CalibrationConfig | None = None,
+    progress: bool = True,
+    desc: str = "layers",
+) -> None:
+    """Walk the decoder layers in order, calling `layer_fn(index, layer, projections, stats)` on each.
+
+    `stats` names what the method needs per projection input: "col_norm" and/or "hessian". With no stats
+    and no batches, no forward pass runs (e.g. magnitude pruning)."""
+    config = config or CalibrationConfig()
+    adapter = ModelAdapter(model)
+    model_device = _model_device(model)
+    device = torch.device(config.device) if config.device else model_device
+    need_forward = bool(stats)
+    if need_forward and not batches:
+        raise ValueError("this method needs calibration batches")
+
+    inputs = None
+    if need_forward:
+        # Everything but the decoder layers moves to the compute device; the layers wait where they are.
+        _move_non_layers(model, adapter, device)
+        inputs = capture_layer_inputs(model, adapter, batches, device)
+
+    for i, layer in enumerate(tqdm(adapter.layers, desc=desc, disable=not progress, leave=False)):
+        projections = adapter.select(targets, ignore, layer_index=i)
+        layer_home = next(layer.parameters()).device
+        layer.to(device)
+        layer_stats: dict[str, InputStats] = {}
+        dense_outputs = None
+        if need_forward:
+            handles = []
+            for name, proj in projections.items():
+                if not proj.is_hookable():
+                    raise UserInputError(
+                        f"'{name}' is a fused expert weight whose inputs cannot be observed, so a calibrated method "
+                        "cannot score it; add '*experts*' to the stage's ignore list or use magnitude for it"
+                    )
+                st = InputStats(proj.in_features, device, hessian="hessian" in stats)
+                layer_stats[name] = st
+                handles.append(proj.module.register_forward_hook(lambda m, a, o, st=st: st.add_batch(a[0])))
+            try:
+                dense_outputs = _run_layer(layer, inputs)
+            finally:
+                for h in handles:
+                    h.remove()
+        layer_fn(i, layer, projections, layer_stats)
+        if need_forward and i + 1 < adapter.num_layers:
+            outputs = dense_outputs if config.propagate == "dense" else _run_layer(layer, inputs)
+            inputs = [_with_hidden(a, k, h) for (a, k), h in zip(inputs, outputs)]
+        layer.to(layer_home)
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    if need_forward:
+        _move_non_layers(model, adapter, model_device)
+
+
+def _move_non_layers(model: nn.Module, adapter: ModelAdapter, device) -> None:
+    layer_params = {id(p) for p in adapter.layers.parameters()} | {id(b) for b in adapter.layers.buffers()}
+    for module in model.modules():
+        for key, p in list(module._parameters.items()):
+            if p is not None and id(p) not in layer_params and p.device != torch.device(device):
+                p.data = p.data.to(device)
+        for key, b in list(module._buffers.items()):
+            if b is not None and id(b) not in layer_params and b.device != torch.device(device):
+                module._buffers[key] = b.to(device)

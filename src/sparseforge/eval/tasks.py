@@ -1,0 +1,213 @@
+"""Registry of evaluation tasks for the CLI (`--tasks perplexity,passkey,...`).
+
+Each task is a function `EvalContext -> {metric name: value}` with flat, task-prefixed metric names;
+`run_tasks` runs the requested ones and merges their metrics. Tasks that need something the context lacks
+(a reference model for `fidelity`, a saved directory for `size`) are skipped and their metrics are absent.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import platform
+import sys
+from typing import Any, Callable, Iterable
+
+import torch
+
+from sparseforge.data import read_text
+from sparseforge.errors import UserInputError
+from sparseforge.eval.efficiency import measure_peak_memory, size_on_disk, speed, weight_sparsity
+from sparseforge.eval.fidelity import fidelity
+from sparseforge.eval.perplexity import encode, eval_mode, max_positions, model_device, perplexity
+from sparseforge.eval.retrieval import retrieval_accuracy
+
+log = logging.getLogger(__name__)
+
+# Knobs tasks read from EvalContext.settings. None means "pick from the model" (see each task).
+DEFAULT_SETTINGS: dict[str, Any] = {
+    "max_tokens": None,  # truncate the evaluation text to this many tokens (perplexity, fidelity)
+    "window": None,  # perplexity window; None: min(model max positions, 1024)
+    "stride": None,  # perplexity stride; None: window // 2
+    "batch_size": 4,  # perplexity windows per forward pass
+    "fidelity_seq_len": None,  # None: min(512, max positions of model and reference)
+    "fidelity_max_windows": None,
+    "retrieval_lengths": None,  # None: those of (512, 1024, 2048) the model supports
+    "retrieval_depths": (0.0, 0.25, 0.5, 0.75, 1.0),
+    "retrieval_per_cell": 4,
+    "retrieval_seed": 0,
+    "speed_prompt_len": 256,
+    "speed_new_tokens": 64,
+    "speed_repeats": 5,
+    "speed_warmup": 1,
+    "memory_prompt_len": None,  # None: min(512, model max positions)
+    "targets": ("*",),  # projection globs for the sparsity metrics
+    "ignore": (),
+}
+_RETRIEVAL_LENGTHS = (512, 1024, 2048)
+
+
+@dataclasses.dataclass
+class EvalContext:
+    """Everything a task may need. `text` defaults to the bundled held-out text; `settings` overrides
+    DEFAULT_SETTINGS (unknown keys are rejected so typos do not pass silently)."""
+
+    model: Any
+    tokenizer: Any
+    reference: Any = None
+    model_dir: str | os.PathLike | None = None
+    text: str | None = None
+    settings: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+    def __post_init__(self):
+        if self.text is None:
+            self.text = read_text("heldout")
+        unknown = sorted(set(self.settings) - set(DEFAULT_SETTINGS))
+        if unknown:
+            raise UserInputError(f"unknown eval settings {unknown}; known settings are {sorted(DEFAULT_SETTINGS)}")
+        self.settings = {**DEFAULT_SETTINGS, **self.settings}
+
+
+def _capped(value, default: int, limit: int | None) -> int:
+    """An explicit setting as given; otherwise the default, capped at the model's limit."""
+    if value is not None:
+        return value
+    return min(default, limit) if limit else default
+
+
+def _prefixed(prefix: str, metrics: dict, keys: Iterable[str]) -> dict:
+    return {f"{prefix}_{k}": metrics[k] for k in keys}
+
+
+def task_perplexity(ctx: EvalContext) -> dict:
+    s = ctx.settings
+    r = perplexity(ctx.model, ctx.tokenizer, ctx.text, s["window"], s["stride"], s["max_tokens"], s["batch_size"])
+    return {"perplexity": r["perplexity"], **_prefixed("perplexity", r, ("tokens_scored", "window", "stride"))}
+
+
+def task_fidelity(ctx: EvalContext) -> dict:
+    if ctx.reference is None:
+        log.info("fidelity skipped: no reference model")
+        return {}
+    s = ctx.settings
+    limits = [m for m in (max_positions(ctx.model), max_positions(ctx.reference)) if m]
+    seq_len = _capped(s["fidelity_seq_len"], 512, min(limits) if limits else None)
+    max_windows = s["fidelity_max_windows"]
+    if max_windows is None and s["max_tokens"] is not None:
+        max_windows = max(1, s["max_tokens"] // seq_len)
+    r = fidelity(ctx.model, ctx.reference, ctx.tokenizer, ctx.text, seq_len, max_windows)
+    return {
+        "kl_to_reference": r["kl_to_reference"],
+        "top1_agreement": r["top1_agreement"],
+        **_prefixed("fidelity", r, ("positions", "seq_len")),
+    }
+
+
+def _retrieval_task(name: str) -> Callable[[EvalContext], dict]:
+    def task(ctx: EvalContext) -> dict:
+        s = ctx.settings
+        lengths = s["retrieval_lengths"]
+        if lengths is None:
+            limit = max_positions(ctx.model)
+            lengths = [L for L in _RETRIEVAL_LENGTHS if limit is None or L <= limit] or [limit]
+        r = retrieval_accuracy(
+            ctx.model, ctx.tokenizer, name, lengths, s["retrieval_depths"], s["retrieval_per_cell"],
+            s["retrieval_seed"], filler_text=ctx.text,
+        )
+        return _prefixed(name, r, ("accuracy", "by_length", "by_depth", "cells"))
+
+    task.__name__ = f"task_{name}"
+    task.__doc__ = f"{name} retrieval accuracy, overall and by length and depth."
+    return task
+
+
+def task_sparsity(ctx: EvalContext) -> dict:
+    return weight_sparsity(ctx.model, ctx.settings["targets"], ctx.settings["ignore"])
+
+
+def task_speed(ctx: EvalContext) -> dict:
+    s = ctx.settings
+    r = speed(ctx.model, ctx.tokenizer, s["speed_prompt_len"], s["speed_new_tokens"], s["speed_repeats"], s["speed_warmup"])
+    return {
+        "prefill_tokens_per_s": r["prefill_tokens_per_s"],
+        "decode_tokens_per_s": r["decode_tokens_per_s"],
+        **_prefixed("speed", r, ("prefill_median_s", "decode_median_s", "prompt_len", "new_tokens", "device")),
+    }
+
+
+def task_memory(ctx: EvalContext) -> dict:
+    """Peak memory of one perplexity-style forward pass (no KV cache) over the first tokens of the text."""
+    prompt_len = _capped(ctx.settings["memory_prompt_len"], 512, max_positions(ctx.model))
+    ids = encode(ctx.tokenizer, ctx.text, prompt_len)
+    device = model_device(ctx.model)
+    batch = torch.tensor([ids], dtype=torch.long, device=device)
+
+    def forward():
+        with torch.inference_mode(), eval_mode(ctx.model):
+            ctx.model(input_ids=batch, use_cache=False)
+
+    _, peak = measure_peak_memory(forward, device=device)
+    return {"peak_memory_bytes": peak, "memory_prompt_len": len(ids), "memory_device": str(device)}
+
+
+def task_size(ctx: EvalContext) -> dict:
+    if ctx.model_dir is None:
+        log.info("size skipped: no saved model directory")
+        return {}
+    return {"size_bytes": size_on_disk(ctx.model_dir)}
+
+
+TASKS: dict[str, Callable[[EvalContext], dict]] = {
+    "perplexity": task_perplexity,
+    "fidelity": task_fidelity,
+    "passkey": _retrieval_task("passkey"),
+    "multikey": _retrieval_task("multikey"),
+    "sparsity": task_sparsity,
+    "speed": task_speed,
+    "memory": task_memory,
+    "size": task_size,
+}
+DEFAULT_TASKS: tuple[str, ...] = tuple(TASKS)
+
+
+def run_tasks(context: EvalContext, tasks: str | Iterable[str] = DEFAULT_TASKS) -> dict:
+    """Run the named tasks (a sequence, or a comma-separated string) in order and merge their metrics.
+    All names are checked before anything runs."""
+    names = [t.strip() for t in tasks.split(",")] if isinstance(tasks, str) else [str(t).strip() for t in tasks]
+    names = list(dict.fromkeys(n for n in names if n))
+    unknown = [n for n in names if n not in TASKS]
+    if unknown:
+        raise UserInputError(f"unknown eval task(s) {', '.join(unknown)}; known tasks are {', '.join(TASKS)}")
+    metrics: dict[str, Any] = {}
+    for name in names:
+        metrics.update(TASKS[name](context))
+    return metrics
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.lower().startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def environment(model=None) -> dict:
+    """Where the numbers were measured, for the results schema. `device` is the model's device when a model
+    is given, otherwise the GPU if one is visible, else "cpu"."""
+    import transformers
+
+    device = model_device(model) if model is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device_name = f"cuda ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else device.type
+    return {
+        "python": sys.version.split()[0],
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "platform": platform.platform(),
+        "cpu": _cpu_name(),
+        "cpu_count": os.cpu_count(),
+        "device": device_name,
+    }

@@ -1,0 +1,1 @@
+"""Saving and loading artifacts: Hugging Face safetensors checkpoints plus sparseforge.json."""

@@ -1,0 +1,199 @@
+"""Artifacts: a Hugging Face checkpoint directory (config.json, safetensors weights, tokenizer) plus
+`sparseforge.json` (recipe, what each stage did, versions, metrics, runtime settings).
+
+Writes are atomic: everything goes to a temporary sibling directory that is renamed into place at the end,
+so an interrupted or failed save leaves no half-written artifact. Loading from user paths reads only
+safetensors and JSON; pickled weights are refused.
+"""
+from __future__ import annotations
+
+import contextlib
+import datetime
+import json
+import os
+import pathlib
+import shutil
+import tempfile
+from typing import Any, Iterator
+
+from sparseforge.errors import UserInputError
+
+ARTIFACT_FILE = "sparseforge.json"
+FORMAT_VERSION = 1
+REFERENCE_MODEL_DIR = pathlib.Path(__file__).resolve().parents[1] / "assets" / "reference-model"
+
+
+def check_output_dir(path: str | os.PathLike, overwrite: bool = False) -> pathlib.Path:
+    """Fail early (before any long work) when `path` cannot be written as a new artifact directory."""
+    path = pathlib.Path(path).expanduser()
+    if path.exists() and not overwrite:
+        raise UserInputError(f"output directory '{path}' already exists; choose a new --out or pass --overwrite")
+    if path.exists() and not path.is_dir():
+        raise UserInputError(f"output path '{path}' is a file, not a directory; choose another --out")
+    parent = path.parent
+    probe = parent
+    while not probe.exists():
+        probe = probe.parent
+    try:  # a real write probe: os.access says yes to root even on read-only mounts
+        if not probe.is_dir():
+            raise NotADirectoryError
+        os.rmdir(tempfile.mkdtemp(prefix=".sparseforge-probe-", dir=probe))
+    except OSError:
+        raise UserInputError(f"cannot write to '{parent}' ('{probe}' is not a writable directory); choose a writable --out") from None
+    return path
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+@contextlib.contextmanager
+def atomic_directory(path: str | os.PathLike, overwrite: bool = False) -> Iterator[pathlib.Path]:
+    """Yield a temporary directory; on success it replaces `path`, on error it is removed (and so are any
+    parent directories this call created), leaving what was there before untouched."""
+    path = check_output_dir(path, overwrite)
+    created = []
+    probe = path.parent
+    while not probe.exists():
+        created.append(probe)
+        probe = probe.parent
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UserInputError(f"cannot create '{path.parent}' ({exc.strerror}); choose a writable --out") from None
+    tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    try:
+        yield tmp
+        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it private; an artifact should follow the umask
+        if path.exists():
+            backup = pathlib.Path(tempfile.mkdtemp(prefix=f".{path.name}.old-", dir=path.parent))
+            os.replace(path, backup / "old")
+            try:
+                os.replace(tmp, path)
+            except BaseException:
+                os.replace(backup / "old", path)
+                raise
+            finally:
+                shutil.rmtree(backup, ignore_errors=True)
+        else:
+            os.replace(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        for directory in created:  # innermost first
+            try:
+                directory.rmdir()
+            except OSError:
+                break
+        raise
+
+
+def write_json(path: pathlib.Path, data: Any) -> None:
+    path.write_text(json.dumps(data, indent=2, sort_keys=False, default=_json_default) + "\n", encoding="utf-8")
+
+
+def _json_default(obj):
+    if isinstance(obj, pathlib.Path):
+        return str(obj)
+    if hasattr(obj, "item"):
+        return obj.item()
+    raise TypeError(f"not JSON serializable: {type(obj).__name__}")
+
+
+def save(model, directory, tokenizer=None, recipe=None, stages=None, metrics=None, overwrite: bool = False, base_model: str | None = None) -> pathlib.Path:
+    """Write `model` (and its tokenizer) as a Hugging Face checkpoint plus sparseforge.json, atomically."""
+    import torch
+    import transformers
+
+    import sparseforge
+
+    with atomic_directory(directory, overwrite) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        info = dict(getattr(model, "sparseforge_info", None) or {})
+        info.update(
+            {
+                "format_version": FORMAT_VERSION,
+                "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                "versions": {"sparseforge": sparseforge.__version__, "torch": torch.__version__, "transformers": transformers.__version__},
+            }
+        )
+        if base_model is not None:
+            info["base_model"] = base_model
+        if recipe is not None:
+            info["recipe"] = recipe.to_dict() if hasattr(recipe, "to_dict") else recipe
+        if stages is not None:
+            info["stages"] = [s.to_json() if hasattr(s, "to_json") else s for s in stages]
+        if metrics is not None:
+            info["metrics"] = metrics
+        info.setdefault("runtime", {})
+        write_json(tmp / ARTIFACT_FILE, info)
+    return pathlib.Path(directory)
+
+
+def resolve_model_path(spec: str | os.PathLike | None) -> str:
+    """A local directory (validated) or a hub id; None means the bundled reference model."""
+    if spec is None:
+        return str(REFERENCE_MODEL_DIR)
+    text = str(spec)
+    path = pathlib.Path(text).expanduser()
+    if path.exists():
+        if not path.is_dir() or not (path / "config.json").is_file():
+            raise UserInputError(f"model path '{text}' is not a Hugging Face model directory (no config.json); pass a directory saved by save_pretrained")
+        return str(path)
+    looks_like_path = text.startswith((".", "/", "~")) or text.count("/") > 1 or os.sep in text and text.count(os.sep) > 1
+    if looks_like_path or not text.strip():
+        raise UserInputError(f"model path '{text}' does not exist; pass an existing model directory, a hub id, or omit --model for the bundled model")
+    return text  # a hub id such as "org/name"
+
+
+def load_model(spec: str | os.PathLike | None = None, device: str | None = None, dtype=None):
+    """Load a causal LM from a directory or hub id (safetensors only) and restore its sparseforge settings."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    path = resolve_model_path(spec)
+    local = pathlib.Path(path).is_dir()
+    if local and not any(pathlib.Path(path).glob("*.safetensors")):
+        raise UserInputError(
+            f"'{path}' has no .safetensors weights; sparseforge never unpickles .bin/.pt files from user paths. "
+            "Convert it once with transformers (save_pretrained(..., safe_serialization=True))"
+        )
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, use_safetensors=True, dtype=dtype or torch.float32)
+    except (OSError, ValueError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UserInputError(f"could not load model '{path}' ({first}); pass a local model directory or a reachable hub id") from None
+    model.eval()
+    if device:
+        model.to(device)
+    info_path = pathlib.Path(path) / ARTIFACT_FILE if local else None
+    model.sparseforge_info = read_artifact_info(info_path) if info_path and info_path.is_file() else {}
+    model.sparseforge_source = path
+    return model
+
+
+def load_tokenizer(spec: str | os.PathLike | None = None):
+    from transformers import AutoTokenizer
+
+    path = resolve_model_path(spec)
+    try:
+        return AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UserInputError(f"could not load a tokenizer for '{path}' ({first}); the model directory needs tokenizer files") from None
+
+
+def read_artifact_info(path: pathlib.Path) -> dict:
+    try:
+        info = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as exc:
+        raise UserInputError(f"'{path}' is not valid JSON ({exc}); re-create the artifact with sparseforge compress") from None
+    if not isinstance(info, dict):
+        raise UserInputError(f"'{path}' holds a JSON {type(info).__name__}, not an object; re-create the artifact with sparseforge compress")
+    version = info.get("format_version")
+    if version != FORMAT_VERSION:
+        raise UserInputError(f"'{path}' has format_version {version!r}, this sparseforge reads {FORMAT_VERSION}; upgrade sparseforge or re-create the artifact")
+    return info

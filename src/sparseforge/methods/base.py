@@ -1,0 +1,140 @@
+"""The method registry: the one place methods are found. A method is a class with a `Params` dataclass
+(its recipe parameters, with defaults and one-line help in field metadata) registered under a unique name."""
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from typing import Any, ClassVar
+
+from sparseforge.errors import UserInputError
+
+REGISTRY: dict[str, type["Method"]] = {}
+
+
+def param(default, help: str, choices: tuple | None = None):
+    """A recipe parameter with its default and a one-line description (shown by `sparseforge methods`)."""
+    meta = {"help": help, "choices": choices}
+    if isinstance(default, (list, dict, tuple)):
+        return dataclasses.field(default_factory=lambda: type(default)(default), metadata=meta)
+    return dataclasses.field(default=default, metadata=meta)
+
+
+@dataclasses.dataclass
+class NoParams:
+    pass
+
+
+class Method:
+    """Base of every method family. Subclasses set `name`, `family`, `summary` and `Params`."""
+
+    name: ClassVar[str]
+    family: ClassVar[str]
+    summary: ClassVar[str] = ""
+    Params: ClassVar[type] = NoParams
+
+    def __init__(self, params=None):
+        self.params = params if params is not None else self.Params()
+
+    @classmethod
+    def parse_params(cls, raw: dict[str, Any], where: str = "") -> Any:
+        """Build `Params` from a plain dict, with errors that name the field, the bad value and what is allowed."""
+        where = f"{where}: " if where else ""
+        fields = {f.name: f for f in dataclasses.fields(cls.Params)}
+        hints = typing.get_type_hints(cls.Params)
+        clean = {}
+        for key, value in (raw or {}).items():
+            if key not in fields:
+                allowed = ", ".join(fields) or "none"
+                raise UserInputError(f"{where}unknown parameter '{key}' for method '{cls.name}'; allowed: {allowed}")
+            clean[key] = _coerce(value, hints[key], f"{where}parameter '{key}' of '{cls.name}'", fields[key].metadata.get("choices"))
+        try:
+            params = cls.Params(**clean)
+        except TypeError as exc:  # pragma: no cover - a Params class without defaults
+            raise UserInputError(f"{where}{exc}") from None
+        cls.validate(params, where)
+        return params
+
+    @classmethod
+    def validate(cls, params, where: str = "") -> None:
+        """Check values together (ranges, conflicts); raise UserInputError. Override per method."""
+
+    @classmethod
+    def describe(cls) -> list[dict[str, Any]]:
+        hints = typing.get_type_hints(cls.Params)
+        rows = []
+        for f in dataclasses.fields(cls.Params):
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            rows.append({"name": f.name, "type": _type_name(hints[f.name]).replace("NoneType", "null"), "default": default, "help": f.metadata.get("help", "")})
+        return rows
+
+
+def register(cls: type[Method]) -> type[Method]:
+    if cls.name in REGISTRY and REGISTRY[cls.name] is not cls:
+        raise ValueError(f"method name '{cls.name}' registered twice")
+    REGISTRY[cls.name] = cls
+    return cls
+
+
+def get_method(name: str) -> type[Method]:
+    import sparseforge.methods  # noqa: F401  (importing the package registers every method)
+
+    if name not in REGISTRY:
+        raise UserInputError(f"unknown method '{name}'; registered methods: {', '.join(sorted(REGISTRY))} (see `sparseforge methods`)")
+    return REGISTRY[name]
+
+
+def all_methods() -> dict[str, type[Method]]:
+    import sparseforge.methods  # noqa: F401
+
+    return dict(sorted(REGISTRY.items()))
+
+
+def _type_name(tp) -> str:
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        return " | ".join(_type_name(a) for a in typing.get_args(tp))
+    if origin is not None:
+        return getattr(origin, "__name__", str(origin))
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(value, tp, what: str, choices):
+    """Accept a YAML value for a field of type `tp` (int for float is fine; bool is never a number)."""
+    args = typing.get_args(tp)
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _coerce(value, a, what, choices)
+            except UserInputError:
+                pass
+        raise UserInputError(f"{what} got {value!r}; expected {_type_name(tp).replace('NoneType', 'null')}")
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise UserInputError(f"{what} got {value!r}; expected a number")
+        return float(value)
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise UserInputError(f"{what} got {value!r}; expected an integer")
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise UserInputError(f"{what} got {value!r}; expected true or false")
+        return value
+    if tp is str:
+        if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+            raise UserInputError(f"{what} got {value!r}; expected a string")
+        value = str(value)
+        if choices and value not in choices:
+            raise UserInputError(f"{what} got {value!r}; allowed: {', '.join(choices)}")
+        return value
+    if origin in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise UserInputError(f"{what} got {value!r}; expected a list")
+        return list(value)
+    return value

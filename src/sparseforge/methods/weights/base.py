@@ -1,0 +1,71 @@
+"""Weight pruning family. A pruner implements only `score(weight, stats)`: higher scores are kept. Mask
+selection by pattern (unstructured per row or per matrix, N:M) and the layer-by-layer walk are shared."""
+from __future__ import annotations
+
+import dataclasses
+from typing import ClassVar
+
+import torch
+
+from sparseforge.core.calibration import CalibrationConfig, InputStats, calibration_batches, run_layerwise
+from sparseforge.core.masks import Pattern, select_mask
+from sparseforge.methods.base import Method, param
+
+
+@dataclasses.dataclass
+class PruningParams:
+    sparsity: float | None = param(None, "fraction of weights removed, in [0, 1); default 0.5 (implied by an N:M pattern)")
+    pattern: str = param("unstructured", "'unstructured' or 'N:M' (keep N of every M consecutive input weights), e.g. '2:4'")
+    compare: str = param("row", "comparison group for unstructured pruning: 'row' (per output) or 'matrix'", ("row", "matrix"))
+
+
+@dataclasses.dataclass
+class StageResult:
+    """What a stage did: per projection, the pattern it now satisfies and its comparison group."""
+
+    method: str
+    pattern: str
+    compare: str
+    projections: list[str]
+
+    def to_json(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+class WeightPruner(Method):
+    family: ClassVar[str] = "weights"
+    Params: ClassVar[type] = PruningParams
+    needs_stats: ClassVar[tuple[str, ...]] = ()  # "col_norm", "hessian"
+
+    @classmethod
+    def validate(cls, params, where: str = "") -> None:
+        try:
+            Pattern.parse(params.pattern, params.sparsity)
+        except Exception as exc:
+            raise type(exc)(f"{where}{exc}") from None
+
+    @property
+    def pattern(self) -> Pattern:
+        return Pattern.parse(self.params.pattern, self.params.sparsity)
+
+    def score(self, weight: torch.Tensor, stats: InputStats | None) -> torch.Tensor:
+        raise NotImplementedError
+
+    def prune_weight(self, weight: torch.Tensor, stats: InputStats | None) -> torch.Tensor:
+        """Return the pruned `[..., out, in]` weight. Methods that update surviving weights override this."""
+        mask = select_mask(self.score(weight, stats), self.pattern, self.params.compare)
+        return weight * mask
+
+    def apply(self, model, tokenizer=None, targets=("*",), ignore=(), calibration: CalibrationConfig | None = None, progress=True) -> StageResult:
+        calibration = calibration or CalibrationConfig()
+        batches = calibration_batches(tokenizer, calibration) if self.needs_stats else None
+        pruned: list[str] = []
+
+        def prune_layer(index, layer, projections, stats):
+            for name, proj in projections.items():
+                w = proj.weight()
+                proj.set_weight(self.prune_weight(w.float(), stats.get(name)).to(w.dtype))
+                pruned.append(name)
+
+        run_layerwise(model, prune_layer, targets, ignore, batches, self.needs_stats, calibration, progress, desc=self.name)
+        return StageResult(self.name, str(self.pattern), self.params.compare, pruned)

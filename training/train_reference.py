@@ -1,0 +1,219 @@
+"""Train the bundled reference model: a small Llama (RMSNorm, SwiGLU, RoPE, grouped-query attention) on the
+Shakespeare training split, with synthetic passkey and key-value retrieval episodes mixed in.
+
+Rerun: pip install -e '.[train]' && python training/prepare_data.py && python training/train_reference.py
+Writes config.json, model.safetensors, generation_config.json and training_info.json into the bundled model
+directory (checkpointing there every --save-every steps), and a loss log to training/work/train_log.jsonl.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import pathlib
+import platform
+import random
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+from sparseforge.data.synthetic import multikey_episode, passkey_episode  # noqa: E402
+
+MODEL_DIR = ROOT / "src" / "sparseforge" / "assets" / "reference-model"
+WORK_DIR = ROOT / "training" / "work"
+
+
+def build_config(args, vocab_size: int):
+    from transformers import LlamaConfig
+
+    return LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=args.hidden,
+        intermediate_size=args.intermediate,
+        num_hidden_layers=args.layers,
+        num_attention_heads=args.heads,
+        num_key_value_heads=args.kv_heads,
+        max_position_embeddings=2048,
+        rope_theta=10000.0,
+        rms_norm_eps=1e-5,
+        tie_word_embeddings=True,
+        bos_token_id=0,
+        eos_token_id=0,
+        pad_token_id=0,
+        torch_dtype="float32",
+    )
+
+
+def length_mix(progress: float) -> dict[int, float]:
+    """Short sequences first (retrieval is learned cheaply where attention is not diluted), then long
+    ones up to 2048 so that retrieval holds at every length the model card reports."""
+    if progress < 0.15:
+        return {64: 0.5, 128: 0.5}
+    if progress < 0.3:
+        return {128: 0.3, 256: 0.4, 512: 0.3}
+    if progress < 0.6:
+        return {256: 0.2, 512: 0.3, 1024: 0.3, 2048: 0.2}
+    return {512: 0.2, 1024: 0.3, 2048: 0.5}
+
+
+def make_batch(rng, tokenizer, train_ids, length, batch_size, episode_frac):
+    rows, answer_mask = [], []
+    for _ in range(batch_size):
+        if rng.random() < episode_frac:
+            kind = rng.random()
+            if kind < 0.2:
+                # A repeated span: the plainest induction signal, which bootstraps the copying heads
+                # that passkey and key-value retrieval need.
+                span_len = rng.randint(8, 24)
+                s = rng.randrange(0, len(train_ids) - length)
+                span = train_ids[s : s + span_len]
+                gap = rng.randint(0, length - 2 * span_len)
+                t = rng.randrange(0, len(train_ids) - length)
+                filler = train_ids[t : t + length - 2 * span_len]
+                row = filler[:gap] + span + filler[gap:] + span
+                rows.append(row)
+                answer_mask.append([0] * (length - span_len + 1) + [1] * (span_len - 1))
+                continue
+            if kind < 0.6:
+                ep = passkey_episode(rng, tokenizer, train_ids, length, rng.random())
+            else:
+                # Asking for every key multiplies the retrieval signal per episode; each extra question
+                # takes about 25 tokens, reserved here; the row is then cut or padded to `length`.
+                n_keys = 1 if length <= 64 else 2 if length <= 256 else 4
+                ep = multikey_episode(rng, tokenizer, train_ids, length - 26 * (n_keys - 1), rng.random(), n_keys, n_keys - 1)
+            mask = [0] * len(ep.input_ids)
+            for start, end in ((ep.answer_start, ep.answer_end), *ep.extra_answers):
+                mask[start:end] = [1] * (end - start)
+            rows.append(ep.input_ids[:length] + [0] * (length - len(ep.input_ids)))
+            answer_mask.append((mask + [0] * length)[:length])
+        else:
+            s = rng.randrange(0, len(train_ids) - length)
+            rows.append(train_ids[s : s + length])
+            answer_mask.append([0] * length)
+    return torch.tensor(rows), torch.tensor(answer_mask, dtype=torch.bool)
+
+
+def loss_fn(model, ids, answer_mask, answer_weight):
+    logits = model(input_ids=ids).logits[:, :-1].float()
+    targets = ids[:, 1:]
+    tok_loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="none")
+    tok_loss = tok_loss.view_as(targets)
+    lm = tok_loss.mean()
+    am = answer_mask[:, 1:]
+    ans = tok_loss[am].mean() if am.any() else torch.zeros((), device=ids.device)
+    return lm + answer_weight * ans, lm.detach(), ans.detach()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--hidden", type=int, default=256)
+    ap.add_argument("--intermediate", type=int, default=768)
+    ap.add_argument("--layers", type=int, default=4)
+    ap.add_argument("--heads", type=int, default=8)
+    ap.add_argument("--kv-heads", type=int, default=2)
+    ap.add_argument("--tokens-per-step", type=int, default=6144)
+    ap.add_argument("--minutes", type=float, default=60.0, help="wall-clock training budget")
+    ap.add_argument("--max-steps", type=int, default=100000)
+    ap.add_argument("--lr", type=float, default=3e-3)
+    ap.add_argument("--episode-frac", type=float, default=0.6)
+    ap.add_argument("--answer-weight", type=float, default=2.0)
+    ap.add_argument("--save-every", type=int, default=100)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--bench", action="store_true", help="time a few steps per length and exit")
+    ap.add_argument("--out", default=str(MODEL_DIR), help="where the weights go (default: the bundled model directory)")
+    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    args = ap.parse_args()
+
+    from transformers import AutoTokenizer, LlamaForCausalLM
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    out_dir = pathlib.Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(args.seed)
+    rng = random.Random(args.seed)
+    tokenizer = AutoTokenizer.from_pretrained(MODEL_DIR)
+    train_ids = tokenizer((WORK_DIR / "train.txt").read_text(encoding="utf-8"), add_special_tokens=False)["input_ids"]
+    config = build_config(args, len(tokenizer))
+    model = LlamaForCausalLM(config).to(args.device)
+    n_params = sum(p.numel() for p in model.parameters())
+    print(f"parameters: {n_params:,}; training tokens available: {len(train_ids):,}", flush=True)
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.1)
+
+    if args.bench:
+        for L in (256, 512, 1024, 2048):
+            ids, am = make_batch(rng, tokenizer, train_ids, L, max(1, args.tokens_per_step // L), 0.5)
+            ids, am = ids.to(args.device), am.to(args.device)
+            times = []
+            for _ in range(3):
+                t = time.perf_counter()
+                loss, _, _ = loss_fn(model, ids, am, 1.0)
+                loss.backward()
+                opt.step()
+                opt.zero_grad()
+                times.append(time.perf_counter() - t)
+            print(f"L={L}: {args.tokens_per_step / min(times):.0f} tokens/s", flush=True)
+        return
+
+    budget_s = args.minutes * 60
+    warmup = 100
+    log = open(WORK_DIR / f"train_log-{out_dir.name}.jsonl", "w")
+    start = time.time()
+    tokens_seen, step = 0, 0
+
+    def save(final: bool) -> None:
+        elapsed = time.time() - start
+        model.save_pretrained(out_dir, safe_serialization=True)
+        info = {
+            "parameters": n_params,
+            "steps": step,
+            "tokens_seen": tokens_seen,
+            "train_seconds": round(elapsed, 1),
+            "hardware": f"{platform.processor() or platform.machine()} ({os.cpu_count()} cores), "
+            + (torch.cuda.get_device_name() if args.device.startswith("cuda") else "CPU only"),
+            "device": args.device,
+            "torch": torch.__version__,
+            "args": vars(args),
+            "final": final,
+        }
+        (out_dir / "training_info.json").write_text(json.dumps(info, indent=2) + "\n")
+
+    while step < args.max_steps:
+        elapsed = time.time() - start
+        progress = min(1.0, elapsed / budget_s)
+        if progress >= 1.0:
+            break
+        mix = length_mix(progress)
+        L = rng.choices(list(mix), weights=list(mix.values()))[0]
+        ids, am = make_batch(rng, tokenizer, train_ids, L, max(1, args.tokens_per_step // L), args.episode_frac)
+        ids, am = ids.to(args.device), am.to(args.device)
+        lr = args.lr * min(1.0, (step + 1) / warmup) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+        for g in opt.param_groups:
+            g["lr"] = lr
+        model.train()
+        loss, lm, ans = loss_fn(model, ids, am, args.answer_weight)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        tokens_seen += ids.numel()
+        step += 1
+        rec = {"step": step, "t": round(elapsed, 1), "L": L, "lr": lr, "lm": round(lm.item(), 4), "answer": round(ans.item(), 4)}
+        log.write(json.dumps(rec) + "\n")
+        if step % 20 == 0:
+            log.flush()
+            print(rec, flush=True)
+        if step % args.save_every == 0:
+            save(final=False)
+    save(final=True)
+    print(f"done: {step} steps, {tokens_seen:,} tokens, {time.time() - start:.0f}s", flush=True)
+
+
+if __name__ == "__main__":
+    main()
