@@ -48,8 +48,13 @@ class Pattern:
         return Pattern("nm", implied, n, m)
 
 
+def prune_count(group_size: int, sparsity: float) -> int:
+    """floor(sparsity * group_size), robust to binary rounding (0.7 * 4800 is 3359.9999... in floats)."""
+    return int(group_size * sparsity + 1e-9)
+
+
 def unstructured_mask(scores: torch.Tensor, sparsity: float, group: str = "row") -> torch.Tensor:
-    """Keep-mask removing the `floor(sparsity * group_size)` lowest-scoring weights of each group.
+    """Keep-mask removing the `prune_count(group_size, sparsity)` lowest-scoring weights of each group.
 
     group="row": compare within each output row (Wanda's choice: every output keeps the same fan-in).
     group="matrix": compare across the whole matrix (classic magnitude pruning).
@@ -57,7 +62,7 @@ def unstructured_mask(scores: torch.Tensor, sparsity: float, group: str = "row")
     if group not in ("row", "matrix"):
         raise ValueError(f"unknown comparison group {group!r}")
     flat = scores if group == "row" else scores.reshape(*scores.shape[:-2], 1, -1)
-    n_prune = int(flat.shape[-1] * sparsity)
+    n_prune = prune_count(flat.shape[-1], sparsity)
     mask = torch.ones_like(flat, dtype=torch.bool)
     if n_prune > 0:
         order = torch.argsort(flat.float(), dim=-1, stable=True)
@@ -94,9 +99,9 @@ def check_nm(weight: torch.Tensor, n: int, m: int) -> bool:
 
 
 def check_unstructured(weight: torch.Tensor, sparsity: float, group: str = "row") -> bool:
-    """True when each comparison group has at least `floor(sparsity * group_size)` zeros."""
+    """True when each comparison group has at least `prune_count(group_size, sparsity)` zeros."""
     flat = weight if group == "row" else weight.reshape(*weight.shape[:-2], 1, -1)
-    need = int(flat.shape[-1] * sparsity)
+    need = prune_count(flat.shape[-1], sparsity)
     return bool(((flat == 0).sum(-1) >= need).all())
 
 

@@ -36,6 +36,7 @@ class WeightPruner(Method):
     family: ClassVar[str] = "weights"
     Params: ClassVar[type] = PruningParams
     needs_stats: ClassVar[tuple[str, ...]] = ()  # "col_norm", "hessian"
+    comparison_group: ClassVar[str] = "row"  # reported when Params has no `compare` field
 
     @classmethod
     def validate(cls, params, where: str = "") -> None:
@@ -48,12 +49,16 @@ class WeightPruner(Method):
     def pattern(self) -> Pattern:
         return Pattern.parse(self.params.pattern, self.params.sparsity)
 
+    @property
+    def compare(self) -> str:
+        return getattr(self.params, "compare", self.comparison_group)
+
     def score(self, weight: torch.Tensor, stats: InputStats | None) -> torch.Tensor:
         raise NotImplementedError
 
     def prune_weight(self, weight: torch.Tensor, stats: InputStats | None) -> torch.Tensor:
         """Return the pruned `[..., out, in]` weight. Methods that update surviving weights override this."""
-        mask = select_mask(self.score(weight, stats), self.pattern, self.params.compare)
+        mask = select_mask(self.score(weight, stats), self.pattern, self.compare)
         return weight * mask
 
     def apply(self, model, tokenizer=None, targets=("*",), ignore=(), calibration: CalibrationConfig | None = None, progress=True) -> StageResult:
@@ -68,4 +73,4 @@ class WeightPruner(Method):
                 pruned.append(name)
 
         run_layerwise(model, prune_layer, targets, ignore, batches, self.needs_stats, calibration, progress, desc=self.name)
-        return StageResult(self.name, str(self.pattern), self.params.compare, pruned)
+        return StageResult(self.name, str(self.pattern), self.compare, pruned)
