@@ -128,6 +128,8 @@ def main() -> None:
     ap.add_argument("--bench", action="store_true", help="time a few steps per length and exit")
     ap.add_argument("--out", default=str(MODEL_DIR), help="where the weights go (default: the bundled model directory)")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    ap.add_argument("--init-from", default=None, help="continue from the weights in this model directory (fresh schedule)")
+    ap.add_argument("--start-progress", type=float, default=0.0, help="curriculum position to start at, in [0, 1) (with --init-from)")
     args = ap.parse_args()
 
     from transformers import AutoTokenizer, LlamaForCausalLM
@@ -141,7 +143,12 @@ def main() -> None:
     tokenizer = AutoTokenizer.from_pretrained(MODEL_DIR)
     train_ids = tokenizer((WORK_DIR / "train.txt").read_text(encoding="utf-8"), add_special_tokens=False)["input_ids"]
     config = build_config(args, len(tokenizer))
-    model = LlamaForCausalLM(config).to(args.device)
+    if args.init_from:
+        model = LlamaForCausalLM.from_pretrained(args.init_from, dtype=torch.float32).to(args.device)
+        prior = json.loads((pathlib.Path(args.init_from) / "training_info.json").read_text())
+    else:
+        model = LlamaForCausalLM(config).to(args.device)
+        prior = {"steps": 0, "tokens_seen": 0, "train_seconds": 0.0}
     n_params = sum(p.numel() for p in model.parameters())
     print(f"parameters: {n_params:,}; training tokens available: {len(train_ids):,}", flush=True)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.1)
@@ -172,21 +179,22 @@ def main() -> None:
         model.save_pretrained(out_dir, safe_serialization=True)
         info = {
             "parameters": n_params,
-            "steps": step,
-            "tokens_seen": tokens_seen,
-            "train_seconds": round(elapsed, 1),
+            "steps": prior["steps"] + step,
+            "tokens_seen": prior["tokens_seen"] + tokens_seen,
+            "train_seconds": round(prior["train_seconds"] + elapsed, 1),
             "hardware": f"{platform.processor() or platform.machine()} ({os.cpu_count()} cores), "
             + (torch.cuda.get_device_name() if args.device.startswith("cuda") else "CPU only"),
             "device": args.device,
             "torch": torch.__version__,
             "args": vars(args),
+            "previous_runs": prior.get("previous_runs", []) + ([{k: prior[k] for k in ("steps", "tokens_seen", "train_seconds", "args") if k in prior}] if args.init_from else []),
             "final": final,
         }
         (out_dir / "training_info.json").write_text(json.dumps(info, indent=2) + "\n")
 
     while step < args.max_steps:
         elapsed = time.time() - start
-        progress = min(1.0, elapsed / budget_s)
+        progress = min(1.0, args.start_progress + (1 - args.start_progress) * elapsed / budget_s)
         if progress >= 1.0:
             break
         mix = length_mix(progress)

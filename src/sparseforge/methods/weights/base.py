@@ -27,6 +27,7 @@ class StageResult:
     pattern: str
     compare: str
     projections: list[str]
+    layer_sparsity: dict[int, float] | None = None  # per decoder layer, when not uniform (OWL)
 
     def to_json(self) -> dict:
         return dataclasses.asdict(self)
@@ -45,9 +46,17 @@ class WeightPruner(Method):
         except Exception as exc:
             raise type(exc)(f"{where}{exc}") from None
 
+    # Per-decoder-layer sparsity overriding the uniform one (set by OWL; unstructured patterns only).
+    layer_sparsity: dict[int, float] | None = None
+
     @property
     def pattern(self) -> Pattern:
         return Pattern.parse(self.params.pattern, self.params.sparsity)
+
+    def pattern_for(self, layer_index: int) -> Pattern:
+        if self.layer_sparsity is None:
+            return self.pattern
+        return Pattern("unstructured", self.layer_sparsity[layer_index])
 
     @property
     def compare(self) -> str:
@@ -56,9 +65,9 @@ class WeightPruner(Method):
     def score(self, weight: torch.Tensor, stats: InputStats | None) -> torch.Tensor:
         raise NotImplementedError
 
-    def prune_weight(self, weight: torch.Tensor, stats: InputStats | None) -> torch.Tensor:
+    def prune_weight(self, weight: torch.Tensor, stats: InputStats | None, pattern: Pattern) -> torch.Tensor:
         """Return the pruned `[..., out, in]` weight. Methods that update surviving weights override this."""
-        mask = select_mask(self.score(weight, stats), self.pattern, self.compare)
+        mask = select_mask(self.score(weight, stats), pattern, self.compare)
         return weight * mask
 
     def apply(self, model, tokenizer=None, targets=("*",), ignore=(), calibration: CalibrationConfig | None = None, progress=True) -> StageResult:
@@ -69,8 +78,8 @@ class WeightPruner(Method):
         def prune_layer(index, layer, projections, stats):
             for name, proj in projections.items():
                 w = proj.weight()
-                proj.set_weight(self.prune_weight(w.float(), stats.get(name)).to(w.dtype))
+                proj.set_weight(self.prune_weight(w.float(), stats.get(name), self.pattern_for(index)).to(w.dtype))
                 pruned.append(name)
 
         run_layerwise(model, prune_layer, targets, ignore, batches, self.needs_stats, calibration, progress, desc=self.name)
-        return StageResult(self.name, str(self.pattern), self.compare, pruned)
+        return StageResult(self.name, str(self.pattern), self.compare, pruned, self.layer_sparsity)

@@ -43,10 +43,10 @@ class SparseGPT(WeightPruner):
         if not 0 <= params.dampening < 1:
             raise UserInputError(f"{where}dampening {params.dampening} must be in [0, 1), e.g. 0.01")
 
-    def prune_weight(self, weight: torch.Tensor, stats) -> torch.Tensor:
+    def prune_weight(self, weight: torch.Tensor, stats, pattern: Pattern) -> torch.Tensor:
         if weight.dim() != 2:
             raise UserInputError("sparsegpt prunes 2-D weights only; ignore fused expert weights ('*experts*')")
-        return sparsegpt_prune(weight, stats.hessian, self.pattern, self.params.blocksize, self.params.dampening)
+        return sparsegpt_prune(weight, stats.hessian, pattern, self.params.blocksize, self.params.dampening)
 
 
 def sparsegpt_prune(weight: torch.Tensor, hessian: torch.Tensor, pattern: Pattern, blocksize: int = 128, dampening: float = 0.01) -> torch.Tensor:
