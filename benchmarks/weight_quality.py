@@ -71,16 +71,17 @@ def main() -> None:
         print(rows[-1], flush=True)
         hessians = dense_hessians(dense, tokenizer, cal)
         recon = {}
-        grid = [(meth, s) for meth in METHODS for s in (SETTINGS[:1] + SETTINGS[3:4] if args.quick else SETTINGS)]
-        for method, (pattern, sparsity) in grid:
-            raw = {"pattern": pattern} | ({"sparsity": sparsity} if sparsity is not None else {})
+        grid = [(meth, {"pattern": p} | ({"sparsity": s} if s is not None else {}), p if s is None else f"{s:.0%}")
+                for meth in METHODS for p, s in (SETTINGS[:1] + SETTINGS[3:4] if args.quick else SETTINGS)]
+        grid += [("owl", {"base": "wanda", "sparsity": 0.7}, "70% (wanda)")]
+        grid += [("dsnot", {"base": "wanda", "sparsity": s}, f"{s:.0%} (wanda)") for s in ((0.6,) if args.quick else (0.6, 0.7))]
+        for method, raw, label in grid:
             cls = get_method(method)
-            recipe = Recipe(f"{method}-{pattern}-{sparsity}", [Stage(method, cls.parse_params(raw))], cal)
+            recipe = Recipe(f"{method}-{label}", [Stage(method, cls.parse_params(raw))], cal)
             start = time.perf_counter()
             pruned, _ = sparseforge.compress(dense, recipe, tokenizer, progress=False)
             seconds = time.perf_counter() - start
-            label = pattern if sparsity is None else f"{sparsity:.0%}"
-            path = f"{tmp}/{method}-{label.replace(':', 'of').replace('%', '')}"
+            path = f"{tmp}/{method}-{len(rows)}"
             sparseforge.save(pruned, path, tokenizer, recipe=recipe)
             m = run_tasks(EvalContext(pruned, tokenizer, reference=dense, model_dir=path, settings=settings), tasks)
             rows.append({"method": method, "setting": label, "compress_seconds": round(seconds, 2),

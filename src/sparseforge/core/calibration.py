@@ -61,14 +61,21 @@ class InputStats:
     def __init__(self, in_features: int, device, hessian: bool):
         self.n_tokens = 0
         self.col_sq_sum = torch.zeros(in_features, dtype=torch.float32, device=device)
+        self.col_sum = torch.zeros(in_features, dtype=torch.float32, device=device)
         self.hessian = torch.zeros(in_features, in_features, dtype=torch.float32, device=device) if hessian else None
 
     def add_batch(self, x: torch.Tensor) -> None:
         x = x.reshape(-1, x.shape[-1]).float()
         self.n_tokens += x.shape[0]
         self.col_sq_sum += (x * x).sum(0)
+        self.col_sum += x.sum(0)
         if self.hessian is not None:
             self.hessian += x.t() @ x
+
+    @property
+    def col_mean(self) -> torch.Tensor:
+        """E[x_j] over calibration tokens (DSnoT's expected-error statistic)."""
+        return self.col_sum / max(self.n_tokens, 1)
 
     @property
     def col_norm(self) -> torch.Tensor:
