@@ -12,7 +12,9 @@ import sys
 import tempfile
 import time
 
+import sparseforge
 from sparseforge.cli import main as cli_main
+from sparseforge.eval.efficiency import size_on_disk
 from sparseforge.eval.tasks import environment
 
 OUT = pathlib.Path(__file__).resolve().parent / "results"
@@ -24,6 +26,7 @@ COLUMNS = [
     ("multikey_accuracy", "multi-key", "{:.3f}"),
     ("sparsity", "sparsity", "{:.3f}"),
     ("size_bytes", "size MB", "mb"),
+    ("compact_size_bytes", "compact MB", "mb"),
     ("peak_memory_bytes", "peak RSS MB", "mb"),
     ("prefill_tokens_per_s", "prefill tok/s", "{:.0f}"),
     ("decode_tokens_per_s", "decode tok/s", "{:.1f}"),
@@ -50,6 +53,10 @@ def main() -> None:
             if code:
                 sys.exit(f"sparseforge run --recipe {preset} failed with exit code {code}")
             docs = json.loads(pathlib.Path(f"{tmp}/run/results.json").read_text())
+            # The same artifact in compact storage (run writes the plain, transformers-loadable one).
+            artifact = sparseforge.load(f"{tmp}/run/model")
+            sparseforge.save(artifact, f"{tmp}/compact", sparseforge.load_tokenizer(f"{tmp}/run/model"), storage="compact")
+            docs[1]["metrics"]["compact_size_bytes"] = size_on_disk(f"{tmp}/compact")
         dense = dense or docs[0]
         rows.append({"preset": preset, "run_wall_seconds": round(wall, 1), "dense": docs[0]["metrics"], "compressed": docs[1]["metrics"]})
         print(f"{preset}: sparseforge run took {wall:.1f} s", flush=True)

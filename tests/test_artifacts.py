@@ -222,3 +222,51 @@ def test_artifact_directory_mode_follows_umask(tmp_path, tokenizer):
     finally:
         os.umask(old)
     assert target.stat().st_mode & 0o777 == 0o755
+
+
+# --- compact storage -------------------------------------------------------------------------------
+
+from sparseforge.formats.sparse_storage import pack_bitmask, pack_nm, unpack_bitmask, unpack_nm  # noqa: E402
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_sparse_storage_round_trips_and_sizes(dtype):
+    from sparseforge.core.masks import nm_mask, unstructured_mask
+
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(64, 96, generator=g).to(dtype)
+    u = w * unstructured_mask(w.float().abs(), 0.5)
+    parts = pack_bitmask(u)
+    assert torch.equal(unpack_bitmask(parts, tuple(u.shape)), u)
+    nbytes = sum(t.numel() * t.element_size() for t in parts.values())
+    assert nbytes == u.numel() // 8 + u.numel() // 2 * u.element_size()
+    v = w * nm_mask(w.float().abs(), 2, 4)
+    parts = pack_nm(v, 2, 4)
+    assert torch.equal(unpack_nm(parts, tuple(v.shape), 2, 4), v)
+    nbytes = sum(t.numel() * t.element_size() for t in parts.values())
+    assert nbytes == v.numel() // 2 * v.element_size() + v.numel() // 4  # values + 4-bit positions
+    e = torch.randn(3, 8, 16, generator=g).to(dtype)
+    e = e * nm_mask(e.float().abs(), 1, 4)
+    e[0, 0, :4] = 0  # a group with no nonzero at all
+    assert torch.equal(unpack_nm(pack_nm(e, 1, 4), tuple(e.shape), 1, 4), e)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "mixtral"])
+@pytest.mark.parametrize("preset", ["magnitude-50", "magnitude-2of4"])
+def test_compact_artifact_reloads_identically(arch, preset, tokenizer, tmp_path):
+    from tiny_models import tiny_model
+
+    torch.set_num_threads(1)
+    pruned, _ = sparseforge.compress(tiny_model(arch), preset, tokenizer, progress=False)
+    sparseforge.save(pruned, tmp_path / "dense", tokenizer)
+    sparseforge.save(pruned, tmp_path / "compact", tokenizer, storage="compact")
+    info = json.loads((tmp_path / "compact" / "sparseforge.json").read_text())
+    formats = {spec["format"] for spec in info["storage"]["tensors"].values()}
+    assert formats == ({"nm"} if preset == "magnitude-2of4" else {"bitmask"})
+    assert not list((tmp_path / "compact").glob("model*.safetensors"))  # plain transformers cannot mistake it
+    size = lambda d: sum(f.stat().st_size for f in d.glob("*.safetensors"))
+    assert size(tmp_path / "compact") < size(tmp_path / "dense")
+    again = sparseforge.load(tmp_path / "compact")
+    ids = torch.randint(0, 4000, (1, 10))
+    with torch.no_grad():
+        assert torch.equal(again(input_ids=ids).logits, pruned(input_ids=ids).logits)

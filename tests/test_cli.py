@@ -12,6 +12,7 @@ import pytest
 import torch
 import transformers
 
+import sparseforge
 from sparseforge.cli import main
 from sparseforge.errors import UserInputError
 
@@ -451,3 +452,18 @@ def test_eval_json_path_is_checked_before_evaluating(capsys, tmp_path, shared_ti
 
     monkeypatch.setattr(sparseforge.api, "evaluate", no_evaluation)
     assert_user_error(capsys, ["eval", "--model", shared_tiny_dir, "--tasks", "sparsity", "--json", tmp_path / "missing" / "R.json"], "cannot write")
+
+
+def test_compact_compress_then_export_to_plain_checkpoint(capsys, tmp_path, shared_tiny_dir):
+    compact, plain = tmp_path / "compact", tmp_path / "plain"
+    assert main(["--quiet", "compress", "--model", str(shared_tiny_dir), "--recipe", "magnitude-2of4", "--out", str(compact), "--storage", "compact"]) == 0
+    assert (compact / "sparseforge-weights.safetensors").is_file()
+    with pytest.raises(OSError):
+        transformers.AutoModelForCausalLM.from_pretrained(compact)  # plain transformers refuses, loudly
+    assert main(["--quiet", "export", "--model", str(compact), "--dense", str(plain)]) == 0
+    ids = torch.randint(0, 4000, (1, 8))
+    a, b = sparseforge.load(compact), transformers.AutoModelForCausalLM.from_pretrained(plain).eval()
+    with torch.no_grad():
+        assert torch.equal(a(input_ids=ids).logits, b(input_ids=ids).logits)
+    assert json.loads((plain / "sparseforge.json").read_text())["recipe"]["name"] == "magnitude-2of4"
+    assert_user_error(capsys, ["export", "--model", str(compact), "--dense", str(plain)], "already exists")

@@ -86,8 +86,21 @@ def cmd_compress(args) -> int:
     model, report = api.compress(model, recipe, tokenizer, device=args.device, progress=not args.quiet, inplace=True)
     sparsity = weight_sparsity(model)
     metrics = {"sparsity": sparsity["sparsity"], "compress_seconds": report["compress_seconds"]}
-    save(model, out, tokenizer, recipe=recipe, metrics=metrics, overwrite=args.overwrite, base_model=source)
+    save(model, out, tokenizer, recipe=recipe, metrics=metrics, overwrite=args.overwrite, base_model=source, storage=args.storage)
     _say(args, f"wrote {out}  (sparsity {sparsity['sparsity']:.3f}, {report['compress_seconds']:.1f} s)")
+    return 0
+
+
+def cmd_export(args) -> int:
+    from sparseforge import api
+    from sparseforge.formats.artifact import check_output_dir, resolve_model_path, save
+
+    out = check_output_dir(args.dense, args.overwrite)
+    source = resolve_model_path(args.model)
+    model, tokenizer = api.load(args.model), api.load_tokenizer(args.model)
+    info = dict(getattr(model, "sparseforge_info", {}) or {})
+    save(model, out, tokenizer, recipe=info.get("recipe"), metrics=info.get("metrics"), overwrite=args.overwrite, base_model=info.get("base_model", source))
+    _say(args, f"wrote plain Hugging Face checkpoint {out}")
     return 0
 
 
@@ -211,7 +224,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--recipe", required=True, help="recipe YAML path or preset name")
     p.add_argument("--out", required=True, help="artifact directory to create")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    p.add_argument("--storage", default="dense", choices=("dense", "compact"),
+                   help="dense: plain HF checkpoint (zeros stored); compact: packed sparse weights (load with sparseforge)")
     p.set_defaults(func=cmd_compress)
+
+    p = sub.add_parser("export", help="write an artifact (e.g. a compact one) as a plain Hugging Face checkpoint")
+    common(p, "artifact directory to export")
+    p.add_argument("--dense", required=True, help="output directory for the plain checkpoint")
+    p.add_argument("--overwrite", action="store_true", help="replace --dense if it exists")
+    p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("eval", help="evaluate a model; print metrics and optionally write results JSON")
     common(p)

@@ -39,6 +39,11 @@ class Projection:
     kind: str  # "linear", "conv1d" or "experts"
 
     @property
+    def state_key(self) -> str:
+        """The weight's key in the model's state dict."""
+        return self.name if self.kind == "experts" else f"{self.name}.{self.param_name}"
+
+    @property
     def parameter(self) -> nn.Parameter:
         return getattr(self.module, self.param_name)
 

@@ -19,6 +19,10 @@ from typing import Any, Iterator
 from sparseforge.errors import UserInputError
 
 ARTIFACT_FILE = "sparseforge.json"
+# Compact artifacts keep their weights here, not in model.safetensors, so that plain transformers fails
+# loudly on them (instead of silently initializing the packed weights at random); `export` converts.
+COMPACT_WEIGHTS_FILE = "sparseforge-weights.safetensors"
+STORAGES = ("dense", "compact")
 FORMAT_VERSION = 1
 REFERENCE_MODEL_DIR = pathlib.Path(__file__).resolve().parents[1] / "assets" / "reference-model"
 
@@ -101,15 +105,22 @@ def _json_default(obj):
     raise TypeError(f"not JSON serializable: {type(obj).__name__}")
 
 
-def save(model, directory, tokenizer=None, recipe=None, stages=None, metrics=None, overwrite: bool = False, base_model: str | None = None) -> pathlib.Path:
-    """Write `model` (and its tokenizer) as a Hugging Face checkpoint plus sparseforge.json, atomically."""
+def save(model, directory, tokenizer=None, recipe=None, stages=None, metrics=None, overwrite: bool = False, base_model: str | None = None, storage: str = "dense") -> pathlib.Path:
+    """Write `model` (and its tokenizer) plus sparseforge.json, atomically.
+
+    storage="dense": a plain Hugging Face checkpoint (pruned weights are stored as zeros).
+    storage="compact": sparse projections packed as bitmask + values or N:M values + positions (see
+    formats/sparse_storage.py); loads with `sparseforge.load`, converts back with `sparseforge export`."""
     import torch
     import transformers
 
     import sparseforge
 
+    if storage not in STORAGES:
+        raise UserInputError(f"storage '{storage}' is unknown; choose one of {', '.join(STORAGES)}")
     with atomic_directory(directory, overwrite) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
+        packed = _compact_weights(model, tmp) if storage == "compact" else {}
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         info = dict(getattr(model, "sparseforge_info", None) or {})
@@ -129,8 +140,86 @@ def save(model, directory, tokenizer=None, recipe=None, stages=None, metrics=Non
         if metrics is not None:
             info["metrics"] = metrics
         info.setdefault("runtime", {})
+        info["storage"] = {"format": storage, "tensors": packed}
         write_json(tmp / ARTIFACT_FILE, info)
     return pathlib.Path(directory)
+
+
+def _compact_weights(model, directory: pathlib.Path) -> dict[str, dict]:
+    """Replace the safetensors that save_pretrained wrote by the in-memory state dict (transformers may
+    rename tensors on save, e.g. fused experts), with each sparse projection weight packed (N:M or bitmask). Tied tensors are stored once. Returns {tensor name: layout} for packed ones."""
+    from safetensors.torch import save_file
+
+    from sparseforge.core.adapter import ModelAdapter
+    from sparseforge.core.masks import check_nm
+    from sparseforge.formats.sparse_storage import pack_bitmask, pack_nm
+
+    files = sorted(directory.glob("*.safetensors"))
+    tensors: dict = {}
+    seen: set[int] = set()
+    for key, t in model.state_dict().items():
+        if t.data_ptr() in seen:
+            continue  # a tied copy: restored by tie_weights on load
+        seen.add(t.data_ptr())
+        tensors[key] = t.detach().cpu().contiguous()
+    declared = {}
+    for stage in (getattr(model, "sparseforge_info", None) or {}).get("stages", []):
+        if ":" in str(stage.get("pattern", "")):
+            for name in stage.get("projections", []):
+                declared[name] = tuple(int(x) for x in stage["pattern"].split(":"))
+    out: dict = {}
+    layout: dict[str, dict] = {}
+    projection_params = {p.state_key: (n, p) for n, p in ModelAdapter(model).projections().items()}
+    for key, t in tensors.items():
+        proj = projection_params.get(key)
+        if proj is None or t.numel() < 64:
+            out[key] = t
+            continue
+        name, p = proj
+        w = t.t() if p.kind == "conv1d" else t  # pack in [..., out, in] orientation
+        # N:M weights keep the values + positions layout that N:M kernels consume (bitmask would be a
+        # little smaller at 2:4); anything else goes to bitmask when that beats dense.
+        if name in declared and check_nm(w, *declared[name]):
+            fmt, parts, extra = "nm", pack_nm(w, *declared[name]), {"n": declared[name][0], "m": declared[name][1]}
+        else:
+            fmt, parts, extra = "bitmask", pack_bitmask(w), {}
+        if sum(x.numel() * x.element_size() for x in parts.values()) >= t.numel() * t.element_size():
+            out[key] = t  # not sparse enough to gain anything
+            continue
+        for part, value in parts.items():
+            out[f"{key}::{part}"] = value
+        layout[key] = {"format": fmt, "shape": list(w.shape), "transposed": p.kind == "conv1d", **extra}
+    for f in files:
+        f.unlink()
+    for index in directory.glob("*.safetensors.index.json"):
+        index.unlink()
+    save_file(out, directory / COMPACT_WEIGHTS_FILE, metadata={"format": "pt", "sparseforge": "compact"})
+    return layout
+
+
+def _load_compact(path: pathlib.Path, info: dict, dtype):
+    """Build the model from its config and fill it from the packed weights, exactly."""
+    from safetensors.torch import load_file
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from sparseforge.formats.sparse_storage import unpack_bitmask, unpack_nm
+
+    raw = load_file(path / COMPACT_WEIGHTS_FILE)
+    state = {k: v for k, v in raw.items() if "::" not in k}
+    for key, spec in info["storage"]["tensors"].items():
+        parts = {k.split("::", 1)[1]: v for k, v in raw.items() if k.startswith(f"{key}::")}
+        shape = tuple(spec["shape"])
+        w = unpack_nm(parts, shape, spec["n"], spec["m"]) if spec["format"] == "nm" else unpack_bitmask(parts, shape)
+        state[key] = w.t().contiguous() if spec.get("transposed") else w
+    config = AutoConfig.from_pretrained(path)
+    model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    result = model.load_state_dict(state, strict=False)
+    model.tie_weights()
+    loaded = {p.data_ptr() for k, p in model.state_dict().items() if k in state}
+    missing = [k for k in result.missing_keys if model.state_dict()[k].data_ptr() not in loaded]
+    if missing or result.unexpected_keys:
+        raise UserInputError(f"compact artifact '{path}' does not match its config (missing {missing[:3]}, unexpected {result.unexpected_keys[:3]}); re-create it")
+    return model
 
 
 def resolve_model_path(spec: str | os.PathLike | None) -> str:
@@ -156,6 +245,14 @@ def load_model(spec: str | os.PathLike | None = None, device: str | None = None,
 
     path = resolve_model_path(spec)
     local = pathlib.Path(path).is_dir()
+    info_path = pathlib.Path(path) / ARTIFACT_FILE if local else None
+    info = read_artifact_info(info_path) if info_path and info_path.is_file() else {}
+    if info.get("storage", {}).get("format") == "compact":
+        model = _load_compact(pathlib.Path(path), info, dtype or torch.float32).eval()
+        if device:
+            model.to(device)
+        model.sparseforge_info, model.sparseforge_source = info, path
+        return model
     if local and not any(pathlib.Path(path).glob("*.safetensors")):
         raise UserInputError(
             f"'{path}' has no .safetensors weights; sparseforge never unpickles .bin/.pt files from user paths. "
@@ -169,8 +266,7 @@ def load_model(spec: str | os.PathLike | None = None, device: str | None = None,
     model.eval()
     if device:
         model.to(device)
-    info_path = pathlib.Path(path) / ARTIFACT_FILE if local else None
-    model.sparseforge_info = read_artifact_info(info_path) if info_path and info_path.is_file() else {}
+    model.sparseforge_info = info
     model.sparseforge_source = path
     return model
 
