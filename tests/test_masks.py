@@ -68,3 +68,15 @@ def test_pattern_parse_and_errors():
     with pytest.raises(UserInputError, match="multiple of M"):
         nm_mask(torch.randn(2, 6), 2, 4)
     assert check_pattern(torch.zeros(4, 8), Pattern.parse("2:4", None))
+
+
+@pytest.mark.parametrize("group", ["row", "matrix"])
+def test_linear_time_selection_equals_a_stable_sort(group):
+    g = torch.Generator().manual_seed(1)
+    scores = torch.randint(0, 5, (3, 6, 40), generator=g).float()  # many ties
+    for sparsity in (0.1, 0.5, 0.75):
+        flat = scores if group == "row" else scores.reshape(3, 1, -1)
+        k = int(flat.shape[-1] * sparsity)
+        reference = torch.ones_like(flat, dtype=torch.bool)
+        reference.scatter_(-1, torch.argsort(flat, dim=-1, stable=True)[..., :k], False)
+        assert torch.equal(unstructured_mask(scores, sparsity, group), reference.reshape(scores.shape))

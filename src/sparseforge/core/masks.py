@@ -63,11 +63,17 @@ def unstructured_mask(scores: torch.Tensor, sparsity: float, group: str = "row")
         raise ValueError(f"unknown comparison group {group!r}")
     flat = scores if group == "row" else scores.reshape(*scores.shape[:-2], 1, -1)
     n_prune = prune_count(flat.shape[-1], sparsity)
-    mask = torch.ones_like(flat, dtype=torch.bool)
-    if n_prune > 0:
-        order = torch.argsort(flat.float(), dim=-1, stable=True)
-        mask.scatter_(-1, order[..., :n_prune], False)
-    return mask.reshape(scores.shape)
+    if n_prune == 0:
+        return torch.ones_like(scores, dtype=torch.bool)
+    # Selection in linear time (kthvalue) instead of a full sort; equal scores at the threshold are pruned
+    # in position order, which is exactly what a stable sort would choose.
+    values = flat.float()
+    threshold = values.kthvalue(n_prune, dim=-1, keepdim=True).values
+    below = values < threshold
+    ties = values == threshold
+    ties_to_prune = n_prune - below.sum(-1, keepdim=True)
+    prune = below | (ties & (ties.cumsum(-1) <= ties_to_prune))
+    return (~prune).reshape(scores.shape)
 
 
 def nm_mask(scores: torch.Tensor, n: int, m: int) -> torch.Tensor:
