@@ -81,16 +81,16 @@ def main() -> None:
                "estimate_70b_minutes": round(seconds * 80 / 60 * ((2 * (28672 / 11008) ** 2) if method == "sparsegpt" else (8192 * 28672) / (4096 * 11008)), 1)}
         rows.append(row)
         print(row, flush=True)
-        del layer
     env = environment()
     OUT.mkdir(exist_ok=True)
     tag = device.type
-    (OUT / f"prune_7b_layer_{tag}.json").write_text(json.dumps({"environment": env, "tokens": args.tokens, "dtype": str(dtype), "rows": rows}, indent=2) + "\n")
+    threads = torch.get_num_threads()
+    (OUT / f"prune_7b_layer_{tag}.json").write_text(json.dumps({"environment": env, "torch_threads": threads, "tokens": args.tokens, "dtype": str(dtype), "rows": rows}, indent=2) + "\n")
     lines = ["| method | s / layer | peak memory GB | est. 7B (32 layers) min | est. 70B (80 layers) min |", "|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['method']} | {r['seconds_per_layer']} | {r['peak_memory_bytes'] / 1e9:.2f} | {r['estimate_7b_minutes']} | {r['estimate_70b_minutes']} |")
     md = (f"# One Llama-2-7B-shaped layer, 50% unstructured\n\nMachine: {env['cpu']} ({env['cpu_count']} cores), device {env['device']}, "
-          f"torch {env['torch']}, {dtype}; {args.tokens} synthetic calibration tokens. Produced by `benchmarks/prune_7b_layer.py`.\n\n"
+          f"torch {env['torch']} with {threads} thread(s), {dtype}; {args.tokens} synthetic calibration tokens. Produced by `benchmarks/prune_7b_layer.py`.\n\n"
           + "\n".join(lines) + "\n\nPeak memory on CPU is the process's resident peak (weights, activations and Hessians included); "
           "on GPU, torch.cuda.max_memory_allocated. Whole-model figures are extrapolations from one layer, not measurements.\n")
     (OUT / f"prune_7b_layer_{tag}.md").write_text(md)

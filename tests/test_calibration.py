@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from sparseforge.core.adapter import ModelAdapter
-from sparseforge.core.calibration import CalibrationConfig, calibration_batches, capture_layer_inputs, run_layerwise
+from sparseforge.core.calibration import CalibrationConfig, calibration_batches, run_layerwise
 from sparseforge.core.masks import check_nm, check_unstructured
 from sparseforge.errors import UserInputError
 from sparseforge.methods import get_method

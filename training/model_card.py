@@ -92,9 +92,18 @@ def main() -> None:
     eval_seconds = time.time() - start
 
     heldout_ids = encode(tokenizer, read_text("heldout"))
-    ngram = None
-    if TRAIN_TEXT.is_file():
+    # The n-gram baseline depends only on the tokenizer and the text: cached next to the training split.
+    import hashlib
+
+    key = hashlib.sha256((REFERENCE_MODEL_DIR / "tokenizer.json").read_bytes()).hexdigest()[:16]
+    cache = TRAIN_TEXT.parent / f"ngram-{key}.json"
+    if cache.is_file():
+        ngram = json.loads(cache.read_text())["perplexity"]
+    else:
+        if not TRAIN_TEXT.is_file():
+            raise SystemExit("training/work/train.txt is missing: run training/prepare_data.py first")
         ngram = kneser_ney_trigram_perplexity(encode(tokenizer, TRAIN_TEXT.read_text(encoding="utf-8")), heldout_ids)
+        cache.write_text(json.dumps({"perplexity": ngram}))
 
     n_params = sum(p.numel() for p in model.parameters())
     lengths = sorted({c["length"] for c in metrics["passkey_cells"]})

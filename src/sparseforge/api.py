@@ -4,13 +4,12 @@ from __future__ import annotations
 import copy
 import datetime
 import os
-import pathlib
 import time
 from typing import Iterable
 
 from sparseforge.core.adapter import ModelAdapter
 from sparseforge.errors import UserInputError
-from sparseforge.formats.artifact import load_model, load_tokenizer, resolve_model_path, save
+from sparseforge.formats.artifact import load_model, load_tokenizer, save
 from sparseforge.methods import get_method
 from sparseforge.recipe import Recipe, load_recipe
 
@@ -43,7 +42,6 @@ def compress(model=None, recipe: Recipe | str | None = None, tokenizer=None, dev
     if not isinstance(recipe, Recipe):
         recipe = load_recipe(recipe)
     if model is None or isinstance(model, (str, os.PathLike)):
-        source = resolve_model_path(model)
         tokenizer = tokenizer or load_tokenizer(model)
         model = load_model(model)
     elif not inplace:
