@@ -182,7 +182,7 @@ def main() -> None:
             "steps": prior["steps"] + step,
             "tokens_seen": prior["tokens_seen"] + tokens_seen,
             "train_seconds": round(prior["train_seconds"] + elapsed, 1),
-            "hardware": f"{platform.processor() or platform.machine()} ({os.cpu_count()} cores), "
+            "hardware": f"{platform.processor() or platform.machine()} ({os.cpu_count()} cores, {torch.get_num_threads()} torch threads), "
             + (torch.cuda.get_device_name() if args.device.startswith("cuda") else "CPU only"),
             "device": args.device,
             "torch": torch.__version__,
