@@ -41,15 +41,8 @@ def test_card_matches_sparseforge_eval(task, keys, tmp_path, capsys):
     out = tmp_path / "r.json"
     assert main(["--quiet", "eval", "--tasks", task, "--json", str(out)]) == 0
     metrics = json.loads(out.read_text())["metrics"]
-    # Accuracies may differ by one episode: a near-tie between two answer tokens can resolve differently
-    # under another thread count's float summation order.
-    one_episode = 1 / sum(c["n"] for c in card["passkey_cells"])
     for key in keys:
-        if key == "perplexity":
+        if key == "perplexity":  # float sums may differ in the last bits across thread counts
             assert metrics[key] == pytest.approx(card[key], rel=1e-4), key
-        elif isinstance(card[key], dict):
-            n_cell = 1 / (sum(c["n"] for c in card["passkey_cells"]) / len(card[key]))
-            assert metrics[key].keys() == card[key].keys()
-            assert all(abs(metrics[key][k] - card[key][k]) <= n_cell + 1e-9 for k in card[key]), key
         else:
-            assert abs(metrics[key] - card[key]) <= one_episode + 1e-9, key
+            assert metrics[key] == card[key], key

@@ -146,7 +146,7 @@ def cmd_run(args) -> int:
         raise UserInputError(f"'{out}' exists and is not the output of an earlier `sparseforge run`; choose another --out")
     with atomic_directory(out, overwrite=True) as tmp:
         dense, tokenizer = api.load(args.model, device=args.device), api.load_tokenizer(args.model)
-        settings = _settings(args)
+        settings = _settings(args, RUN_EVAL_SETTINGS)
         _say(args, f"[1/4] evaluating dense model {source}")
         dense_doc = api.evaluate(dense, tokenizer, RUN_TASKS, model_dir=source if pathlib.Path(source).is_dir() else None, settings=settings, model_name=source)
         _say(args, f"[2/4] compressing with recipe '{recipe.name}'")
@@ -174,8 +174,9 @@ def _report(source, recipe, table, report, env) -> str:
     )
 
 
-def _settings(args) -> dict:
-    settings = dict(RUN_EVAL_SETTINGS)
+def _settings(args, base: dict | None = None) -> dict:
+    """Eval settings: `eval` uses the defaults (as the model card does); `run` passes its shorter ones."""
+    settings = dict(base or {})
     if getattr(args, "max_tokens", None) is not None:
         settings["max_tokens"] = args.max_tokens
     return settings
