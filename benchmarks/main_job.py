@@ -42,7 +42,7 @@ def fmt(v, f):
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--presets", default="magnitude-50,magnitude-2of4,wanda-50")
+    ap.add_argument("--presets", default="sparsegpt-50,magnitude-50,magnitude-2of4,wanda-50,sparsegpt-2of4")
     args = ap.parse_args()
     rows, dense = [], None
     for preset in args.presets.split(","):

@@ -104,7 +104,7 @@ def main() -> None:
           f"Produced by `benchmarks/weight_quality.py{' --quick' if args.quick else ''}`. Calibration: {cal.samples} samples x {cal.seq_len} tokens "
           f"of the bundled calibration text. Perplexity on the held-out plays{' (first ' + str(settings['max_tokens']) + ' tokens)' if settings.get('max_tokens') else ''}; "
           f"passkey: {settings['retrieval_per_cell']} episodes per (length, depth) cell.\n\n" + "\n".join(lines)
-          + "\n\nSizes are of dense safetensors with zeros: compact sparse storage is not implemented yet.\n\n"
+          + "\n\nSizes are of the default (transformers-loadable) storage, with pruned weights as zeros; compact sizes are in main_job.md.\n\n"
           "## Layer-wise reconstruction error ||WX - ŴX|| / ||WX|| on the dense calibration inputs\n\n" + "\n".join(rec) + "\n")
     (OUT / f"{name}.md").write_text(md)
     print(md)

@@ -382,16 +382,16 @@ def test_run_writes_artifact_results_and_report(capsys, tmp_path, tiny_llama_dir
         assert set(doc["metrics"]["passkey_by_length"]) == {"512"}
         assert set(doc["metrics"]["multikey_by_length"]) == {"512"}
         assert doc["metrics"]["memory_prompt_len"] <= 512
-    assert dense["recipe"] is None and comp["recipe"] == "magnitude-50"
+    assert dense["recipe"] is None and comp["recipe"] == "sparsegpt-50"
     assert dense["metrics"]["sparsity"] == 0.0 and comp["metrics"]["sparsity"] == 0.5
     assert "kl_to_reference" not in dense["metrics"] and "kl_to_reference" in comp["metrics"]
     assert comp["metrics"]["fidelity_seq_len"] <= 512
 
     report = (out / "report.md").read_text()
-    assert "| metric | dense | magnitude-50 | ratio |" in report
+    assert "| metric | dense | sparsegpt-50 | ratio |" in report
     assert "| perplexity (held-out) |" in report
     assert "|---|" in report
-    assert "| metric | dense | magnitude-50 | ratio |" in printed
+    assert "| metric | dense | sparsegpt-50 | ratio |" in printed
     assert "| perplexity (held-out) |" in printed
 
 

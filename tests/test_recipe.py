@@ -12,7 +12,7 @@ def test_presets_load_and_round_trip():
         again = parse_recipe(recipe.to_yaml(), "roundtrip.yaml")
         assert again.to_dict() == recipe.to_dict()
     assert load_recipe("magnitude-2of4").stages[0].params.pattern == "2:4"
-    assert load_recipe(None).name == "magnitude-50"
+    assert load_recipe(None).name == "sparsegpt-50"
 
 
 def test_unquoted_nm_pattern_is_a_string():

@@ -14,7 +14,7 @@ from sparseforge.errors import UserInputError
 from sparseforge.methods.base import get_method
 
 PRESET_DIR = pathlib.Path(__file__).resolve().parent / "recipes"
-DEFAULT_PRESET = "magnitude-50"
+DEFAULT_PRESET = "sparsegpt-50"  # best measured at 50% (benchmarks/results/weight_quality.md)
 _STAGE_FIELDS = ("method", "params", "targets", "ignore")
 _RECIPE_FIELDS = ("name", "stages", "calibration")
 _CALIBRATION_FIELDS = tuple(f.name for f in dataclasses.fields(CalibrationConfig))
