@@ -155,7 +155,8 @@ markup removed (`training/prepare_data.py`). Held out for evaluation: three whol
 
 Mixed into training ({t['args']['episode_frac']:.0%} of sequences): synthetic retrieval episodes built by
 `sparseforge.data.synthetic` on training-split filler: a 5-digit passkey planted at a random depth and asked for
-at the end, or 2-4 key-value pairs of which every key is asked for. Sequence lengths grow from 128 to 2048
+at the end, 1-4 key-value pairs of which every key is asked for, or a repeated span of 8-24 tokens (plain
+induction practice). Sequence lengths grow from 64 to 2048
 tokens over training (`training/train_reference.py`, `length_mix`).
 
 ## Training
