@@ -74,7 +74,7 @@ class DSnoT(WeightPruner):
     name = "dsnot"
     summary = "prune with a base method, then repair each row's mask by error-reducing prune-and-grow swaps"
     Params = DSnoTParams
-    needs_stats = ("col_norm", "hessian")  # hessian only when the base is sparsegpt, see __init__
+    needs_stats = ("col_norm",)  # plus the base method's own, set per instance in __init__
     comparison_group = "row"
 
     def __init__(self, params=None):
