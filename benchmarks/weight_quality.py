@@ -75,6 +75,7 @@ def main() -> None:
                 for meth in METHODS for p, s in (SETTINGS[:1] + SETTINGS[3:4] if args.quick else SETTINGS)]
         grid += [("owl", {"base": "wanda", "sparsity": 0.7}, "70% (wanda)")]
         grid += [("dsnot", {"base": "wanda", "sparsity": s}, f"{s:.0%} (wanda)") for s in ((0.6,) if args.quick else (0.6, 0.7))]
+        grid += [("structured", {"mlp_sparsity": 0.25}, "25% MLP channels")]
         for method, raw, label in grid:
             cls = get_method(method)
             recipe = Recipe(f"{method}-{label}", [Stage(method, cls.parse_params(raw))], cal)
@@ -84,28 +85,41 @@ def main() -> None:
             path = f"{tmp}/{method}-{len(rows)}"
             sparseforge.save(pruned, path, tokenizer, recipe=recipe)
             m = run_tasks(EvalContext(pruned, tokenizer, reference=dense, model_dir=path, settings=settings), tasks)
+            compact = None
+            if method != "structured":  # structured results are already smaller dense tensors
+                sparseforge.save(pruned, f"{path}-compact", tokenizer, recipe=recipe, storage="compact")
+                compact = sum(f.stat().st_size for f in pathlib.Path(f"{path}-compact").glob("*.safetensors"))
             rows.append({"method": method, "setting": label, "compress_seconds": round(seconds, 2),
-                         **{k: m.get(k) for k in ("perplexity", "kl_to_reference", "top1_agreement", "passkey_accuracy", "size_bytes")}})
-            recon[f"{method} {label}"] = reconstruction_errors(dense, pruned, hessians)
+                         **{k: m.get(k) for k in ("perplexity", "kl_to_reference", "top1_agreement", "passkey_accuracy", "size_bytes")},
+                         "compact_size_bytes": compact})
+            if method != "structured":  # its projections change shape; the error needs the same W shapes
+                recon[f"{method} {label}"] = reconstruction_errors(dense, pruned, hessians)
             print(rows[-1], flush=True)
     env = environment()
     OUT.mkdir(exist_ok=True)
     name = "weight_quality_quick" if args.quick else "weight_quality"
     (OUT / f"{name}.json").write_text(json.dumps({"environment": env, "calibration": vars(cal), "settings": settings, "rows": rows, "reconstruction_error": recon}, indent=2, default=str) + "\n")
-    lines = ["| method | setting | perplexity | KL to dense | top-1 agree | passkey | size MB | compress s |", "|---|---|---|---|---|---|---|---|"]
+    lines = ["| method | setting | perplexity | KL to dense | top-1 agree | passkey | size MB | compact MB | compress s |", "|---|---|---|---|---|---|---|---|---|"]
+    mb = lambda b: "-" if b is None else f"{b / 1e6:.2f}"
     for r in rows:
         f = lambda k, fmt: "-" if r.get(k) is None else fmt.format(r[k])
-        lines.append(f"| {r['method']} | {r['setting']} | {f('perplexity', '{:.2f}')} | {f('kl_to_reference', '{:.4f}')} | {f('top1_agreement', '{:.3f}')} | {f('passkey_accuracy', '{:.3f}')} | {r['size_bytes'] / 1e6:.2f} | {f('compress_seconds', '{:.1f}')} |")
+        lines.append(f"| {r['method']} | {r['setting']} | {f('perplexity', '{:.2f}')} | {f('kl_to_reference', '{:.4f}')} | {f('top1_agreement', '{:.3f}')} | {f('passkey_accuracy', '{:.3f}')} | {r['size_bytes'] / 1e6:.2f} | {mb(r.get('compact_size_bytes'))} | {f('compress_seconds', '{:.1f}')} |")
     layers = sorted({n for e in recon.values() for n in e}, key=lambda n: (int(n.split(".")[2]), n))
     rec = ["| projection | " + " | ".join(recon) + " |", "|---|" + "---|" * len(recon)]
     for n in layers:
         rec.append(f"| {n} | " + " | ".join(f"{recon[k][n]:.4f}" for k in recon) + " |")
+    # Issue 3's check: at 50%, SparseGPT's error is below Wanda's and magnitude's on every projection.
+    check = ""
+    if all(k in recon for k in ("sparsegpt 50%", "wanda 50%", "magnitude 50%")):
+        wins = [n for n in layers if recon["sparsegpt 50%"][n] < min(recon["wanda 50%"][n], recon["magnitude 50%"][n])]
+        check = f"\n\nSparseGPT 50% has the lowest error of the three 50% methods on {len(wins)} of {len(layers)} projections.\n"
     md = (f"# Weight pruning on the bundled model\n\nMachine: {env['cpu']} ({env['cpu_count']} cores), {env['device']}, torch {env['torch']}. "
           f"Produced by `benchmarks/weight_quality.py{' --quick' if args.quick else ''}`. Calibration: {cal.samples} samples x {cal.seq_len} tokens "
           f"of the bundled calibration text. Perplexity on the held-out plays{' (first ' + str(settings['max_tokens']) + ' tokens)' if settings.get('max_tokens') else ''}; "
           f"passkey: {settings['retrieval_per_cell']} episodes per (length, depth) cell.\n\n" + "\n".join(lines)
-          + "\n\nSizes are of the default (transformers-loadable) storage, with pruned weights as zeros; compact sizes are in main_job.md.\n\n"
-          "## Layer-wise reconstruction error ||WX - ŴX|| / ||WX|| on the dense calibration inputs\n\n" + "\n".join(rec) + "\n")
+          + "\n\nsize MB: the default (transformers-loadable) storage, pruned weights as zeros. compact MB: `--storage compact` "
+          "(bitmask or N:M positions plus plane-coded values; loads with `sparseforge.load`). Structured results are smaller dense checkpoints.\n\n"
+          "## Layer-wise reconstruction error ||WX - ŴX|| / ||WX|| on the dense calibration inputs\n\n" + "\n".join(rec) + check + "\n")
     (OUT / f"{name}.md").write_text(md)
     print(md)
 

@@ -270,3 +270,35 @@ def test_compact_artifact_reloads_identically(arch, preset, tokenizer, tmp_path)
     ids = torch.randint(0, 4000, (1, 10))
     with torch.no_grad():
         assert torch.equal(again(input_ids=ids).logits, pruned(input_ids=ids).logits)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_plane_coding_round_trips_bit_for_bit(dtype):
+    from sparseforge.formats.sparse_storage import decode_planes, encode_planes
+
+    g = torch.Generator().manual_seed(1)
+    w = (torch.randn(64, 96, generator=g) * 0.02).to(dtype)
+    w[0, :5] = torch.tensor([0.0, -0.0, float("inf"), float("-inf"), 1e-30]).to(dtype)  # odd bit patterns survive
+    parts = encode_planes(w)
+    back = decode_planes(parts, dtype, tuple(w.shape))
+    assert back.dtype == dtype and torch.equal(back.view(torch.uint8), w.view(torch.uint8))
+    # Weight-like values use few exponents, so the coded form is smaller than the raw bytes.
+    assert sum(p.numel() for p in parts.values()) < 0.95 * w.numel() * w.element_size()
+    with pytest.raises(ValueError, match="corrupt"):
+        decode_planes({"planes_top": parts["planes_top"], "planes_rest": parts["planes_rest"][:-(w.element_size() - 1)]}, dtype, tuple(w.shape))
+
+
+@pytest.mark.parametrize("preset", ["magnitude-50", "magnitude-2of4"])
+def test_compact_reference_model_is_at_most_065_of_dense(preset, tmp_path):
+    """Issue 3's size bar, on the bundled model (whose unpruned embedding is a quarter of its weights)."""
+    torch.set_num_threads(1)
+    model = sparseforge.load()
+    pruned, _ = sparseforge.compress(model, preset, progress=False, inplace=True)
+    sparseforge.save(pruned, tmp_path / "dense")
+    sparseforge.save(pruned, tmp_path / "compact", storage="compact")
+    size = lambda d: sum(f.stat().st_size for f in d.glob("*.safetensors"))
+    assert size(tmp_path / "compact") <= 0.65 * size(tmp_path / "dense")
+    again = sparseforge.load(tmp_path / "compact")
+    ids = torch.randint(0, 4000, (1, 32))
+    with torch.no_grad():
+        assert torch.equal(again(input_ids=ids).logits, pruned(input_ids=ids).logits)

@@ -68,6 +68,27 @@ def kneser_ney_trigram_perplexity(train: list[int], test: list[int], discount: f
     return math.exp(nll / (len(test) - 1))
 
 
+def runs_table(info: dict) -> str:
+    """One row per training run; later runs continued from the weights of the one before (--init-from)."""
+    runs = info.get("previous_runs", []) + [info]
+    lines = ["| run | steps | tokens | minutes | precision | copying phase (min) | episodes |", "|---|---|---|---|---|---|---|"]
+    prev = {"steps": 0, "tokens_seen": 0, "train_seconds": 0.0}
+    for i, run in enumerate(runs, 1):
+        a = run.get("args", {})
+        lines.append(
+            f"| {i} | {run['steps'] - prev['steps']} | {run['tokens_seen'] - prev['tokens_seen']:,} | "
+            f"{(run['train_seconds'] - prev['train_seconds']) / 60:.1f} | {a.get('precision', 'fp32')} | "
+            f"{a.get('induction_minutes', 0):g} | {a.get('episode_frac', 0):.0%} |"
+        )
+        prev = run
+    return "\n".join(lines) + (
+        "\n\nThe runs were made with successive versions of the training script (the copy practice of runs "
+        "before the last drew tokens uniformly from the vocabulary, and run 2's copying phase used 128-256-token "
+        "bfloat16 sequences); the current script reproduces the last run's settings."
+        if len(runs) > 1 else ""
+    )
+
+
 def grid_table(cells: list[dict], lengths, depths) -> str:
     acc = {(c["length"], c["depth"]): c["accuracy"] for c in cells}
     n = {(c["length"], c["depth"]): c["n"] for c in cells}
@@ -153,21 +174,28 @@ markup removed (`training/prepare_data.py`). Held out for evaluation: three whol
 ({len(heldout_ids):,} tokens; shipped as `sparseforge/data/heldout.txt`). Training split: the other 35 plays
 (about 1.49 M tokens). Calibration text (`sparseforge/data/calibration.txt`) is a slice of the training split.
 
-Mixed into training ({t['args']['episode_frac']:.0%} of sequences): synthetic retrieval episodes built by
-`sparseforge.data.synthetic` on training-split filler: a 5-digit passkey planted at a random depth and asked for
-at the end, 1-4 key-value pairs of which every key is asked for, or a repeated span of 8-24 tokens (plain
-induction practice). Sequence lengths grow from 64 to 2048
-tokens over training (`training/train_reference.py`, `length_mix`).
+Mixed into training: synthetic retrieval episodes built by `sparseforge.data.synthetic` on training-split
+filler (a 5-digit passkey planted at a random depth and asked for at the end; 1-4 key-value pairs of which
+every key is asked for) and copy practice (a span of 8-32 tokens repeated after a gap, either a passage of the
+text or tokens drawn independently from it). The last 40,000 tokens of the training split are a validation
+slice, never trained on, that the training script uses to track loss and passkey accuracy.
 
 ## Training
+`training/train_reference.py`: an optional copying phase (`--induction-minutes`: 64-128-token sequences,
+90% episodes, float32), then sequence lengths growing from 128 to 2048 (`length_mix`) with
+{t['args']['episode_frac']:.0%} of sequences being episodes, under bfloat16 autocast (`--precision`; weights and
+optimiser state in float32). AdamW (betas 0.9/0.95, weight decay 0.1), peak lr {t['args']['lr']}, warm-up
+then cosine to 10% within each run.
+
 | | |
 |---|---|
 | tokens seen | {t['tokens_seen']:,} ({t['steps']} steps of {t['args']['tokens_per_step']} tokens) |
 | wall time | {t['train_seconds'] / 60:.1f} min |
 | hardware | {hw} |
-| optimiser | AdamW (betas 0.9/0.95, weight decay 0.1), peak lr {t['args']['lr']}, warm-up then cosine to 10% |
 
-No GPU was available to the session that trained it, so it is a CPU-sized model; rerunning
+{runs_table(t)}
+
+No GPU was available to the sessions that trained it, so it is a CPU-sized model; rerunning
 `training/train_reference.py --minutes N` on a GPU trains it longer.
 
 ## Evaluation

@@ -8,6 +8,7 @@ directory (checkpointing there every --save-every steps), and a loss log to trai
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -52,21 +53,30 @@ def build_config(args, vocab_size: int):
 def length_mix(progress: float) -> dict[int, float]:
     """Short sequences first (retrieval is learned cheaply where attention is not diluted), then long
     ones up to 2048 so that retrieval holds at every length the model card reports."""
-    if progress < 0.15:
-        return {64: 0.5, 128: 0.5}
-    if progress < 0.3:
-        return {128: 0.3, 256: 0.4, 512: 0.3}
-    if progress < 0.6:
-        return {256: 0.2, 512: 0.3, 1024: 0.3, 2048: 0.2}
-    return {512: 0.2, 1024: 0.3, 2048: 0.5}
+    if progress < 0.1:
+        return {128: 0.5, 256: 0.5}
+    if progress < 0.25:
+        return {256: 0.3, 512: 0.4, 1024: 0.3}
+    return {512: 0.3, 1024: 0.3, 2048: 0.4}
 
 
-def make_batch(rng, tokenizer, train_ids, length, batch_size, episode_frac):
+def make_batch(rng, tokenizer, train_ids, length, batch_size, episode_frac, copy_frac=0.1):
     rows, answer_mask = [], []
     for _ in range(batch_size):
         if rng.random() < episode_frac:
             kind = rng.random()
-            if kind < 0.2:
+            if kind < copy_frac:
+                # Tokens drawn independently from the training text, repeated after a gap: a copy signal with no
+                # shortcut through text statistics, over tokens whose embeddings are well trained.
+                span_len = rng.randint(8, 32)
+                span = [train_ids[rng.randrange(len(train_ids))] for _ in range(span_len)]
+                gap = rng.randint(0, length - 2 * span_len)
+                t = rng.randrange(0, len(train_ids) - length)
+                filler = train_ids[t : t + length - 2 * span_len]
+                rows.append(filler[:gap] + span + filler[gap:] + span)
+                answer_mask.append([0] * (length - span_len + 1) + [1] * (span_len - 1))
+                continue
+            if kind < copy_frac + 0.15:
                 # A repeated span: the plainest induction signal, which bootstraps the copying heads
                 # that passkey and key-value retrieval need.
                 span_len = rng.randint(8, 24)
@@ -79,7 +89,7 @@ def make_batch(rng, tokenizer, train_ids, length, batch_size, episode_frac):
                 rows.append(row)
                 answer_mask.append([0] * (length - span_len + 1) + [1] * (span_len - 1))
                 continue
-            if kind < 0.6:
+            if kind < copy_frac + 0.15 + 0.55 * (0.85 - copy_frac):
                 ep = passkey_episode(rng, tokenizer, train_ids, length, rng.random())
             else:
                 # Asking for every key multiplies the retrieval signal per episode; each extra question
@@ -130,6 +140,12 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     ap.add_argument("--init-from", default=None, help="continue from the weights in this model directory (fresh schedule)")
     ap.add_argument("--start-progress", type=float, default=0.0, help="curriculum position to start at, in [0, 1) (with --init-from)")
+    ap.add_argument("--precision", choices=("bf16", "fp32"), default="bf16",
+                    help="matmul precision under autocast (weights and optimizer state stay float32)")
+    ap.add_argument("--eval-every", type=int, default=250, help="steps between validation checks")
+    ap.add_argument("--induction-minutes", type=float, default=15.0,
+                    help="first phase: short sequences, mostly copy and retrieval episodes, so the copying (induction) "
+                         "heads that retrieval needs form before long contexts dilute attention")
     args = ap.parse_args()
 
     from transformers import AutoTokenizer, LlamaForCausalLM
@@ -141,7 +157,10 @@ def main() -> None:
     torch.manual_seed(args.seed)
     rng = random.Random(args.seed)
     tokenizer = AutoTokenizer.from_pretrained(MODEL_DIR)
-    train_ids = tokenizer((WORK_DIR / "train.txt").read_text(encoding="utf-8"), add_special_tokens=False)["input_ids"]
+    all_ids = tokenizer((WORK_DIR / "train.txt").read_text(encoding="utf-8"), add_special_tokens=False)["input_ids"]
+    # The last 40k tokens of the training plays are a validation slice (never trained on): it tracks
+    # language-model loss and passkey accuracy during training without touching the held-out plays.
+    train_ids, val_ids = all_ids[:-40_000], all_ids[-40_000:]
     config = build_config(args, len(tokenizer))
     if args.init_from:
         model = LlamaForCausalLM.from_pretrained(args.init_from, dtype=torch.float32).to(args.device)
@@ -153,6 +172,10 @@ def main() -> None:
     print(f"parameters: {n_params:,}; training tokens available: {len(train_ids):,}", flush=True)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.1)
 
+    autocast = lambda: torch.autocast(  # noqa: E731
+        "cuda" if args.device.startswith("cuda") else "cpu", dtype=torch.bfloat16, enabled=args.precision == "bf16"
+    )
+
     if args.bench:
         for L in (256, 512, 1024, 2048):
             ids, am = make_batch(rng, tokenizer, train_ids, L, max(1, args.tokens_per_step // L), 0.5)
@@ -160,7 +183,8 @@ def main() -> None:
             times = []
             for _ in range(3):
                 t = time.perf_counter()
-                loss, _, _ = loss_fn(model, ids, am, 1.0)
+                with autocast():
+                    loss, _, _ = loss_fn(model, ids, am, 1.0)
                 loss.backward()
                 opt.step()
                 opt.zero_grad()
@@ -173,6 +197,26 @@ def main() -> None:
     log = open(WORK_DIR / f"train_log-{out_dir.name}.jsonl", "w")
     start = time.time()
     tokens_seen, step = 0, 0
+
+    @torch.no_grad()
+    def validate() -> dict:
+        model.eval()
+        with autocast():
+            windows = torch.tensor([val_ids[i : i + 512] for i in range(0, 16 * 512, 512)], device=args.device)
+            logits = model(input_ids=windows).logits[:, :-1].float()
+            val_lm = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), windows[:, 1:].reshape(-1)).item()
+            vrng = random.Random(1234)
+            hits = {}
+            for length in (512, 2048):
+                ok = 0
+                for i in range(12):
+                    ep = passkey_episode(vrng, tokenizer, val_ids, length, i / 11)
+                    x = torch.tensor([ep.input_ids], device=args.device)
+                    pred = model(input_ids=x).logits[0, ep.answer_start - 1 : ep.answer_end - 1].argmax(-1)
+                    ok += int(pred.tolist() == ep.input_ids[ep.answer_start : ep.answer_end])
+                hits[f"passkey_{length}"] = ok / 12
+        model.train()
+        return {"val_lm": round(val_lm, 4), **hits}
 
     def save(final: bool) -> None:
         elapsed = time.time() - start
@@ -187,6 +231,8 @@ def main() -> None:
             "device": args.device,
             "torch": torch.__version__,
             "args": vars(args),
+            "training_tokens_available": len(train_ids),
+            "validation_tokens": len(val_ids),
             "previous_runs": prior.get("previous_runs", []) + ([{k: prior[k] for k in ("steps", "tokens_seen", "train_seconds", "args") if k in prior}] if args.init_from else []),
             "final": final,
         }
@@ -197,15 +243,20 @@ def main() -> None:
         progress = min(1.0, args.start_progress + (1 - args.start_progress) * elapsed / budget_s)
         if progress >= 1.0:
             break
-        mix = length_mix(progress)
+        induction_phase = elapsed < args.induction_minutes * 60
+        mix = {64: 0.5, 128: 0.5} if induction_phase else length_mix(progress)
         L = rng.choices(list(mix), weights=list(mix.values()))[0]
-        ids, am = make_batch(rng, tokenizer, train_ids, L, max(1, args.tokens_per_step // L), args.episode_frac)
+        ids, am = make_batch(rng, tokenizer, train_ids, L, max(1, args.tokens_per_step // L),
+                             0.9 if induction_phase else args.episode_frac, 0.4 if induction_phase else 0.1)
         ids, am = ids.to(args.device), am.to(args.device)
         lr = args.lr * min(1.0, (step + 1) / warmup) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
         for g in opt.param_groups:
             g["lr"] = lr
         model.train()
-        loss, lm, ans = loss_fn(model, ids, am, args.answer_weight)
+        # The copying phase runs in float32: it is cheap at these lengths, and attention patterns that must
+        # become sharp are where reduced precision is most likely to slow learning.
+        with autocast() if not induction_phase else contextlib.nullcontext():
+            loss, lm, ans = loss_fn(model, ids, am, args.answer_weight)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
@@ -217,8 +268,15 @@ def main() -> None:
         if step % 20 == 0:
             log.flush()
             print(rec, flush=True)
+        if step % args.eval_every == 0:
+            rec = {"step": step, "t": round(time.time() - start, 1), **validate()}
+            log.write(json.dumps(rec) + "\n")
+            print(rec, flush=True)
         if step % args.save_every == 0:
             save(final=False)
+    final = {"step": step, "t": round(time.time() - start, 1), **validate()}
+    log.write(json.dumps(final) + "\n")
+    print(final, flush=True)
     save(final=True)
     print(f"done: {step} steps, {tokens_seen:,} tokens, {time.time() - start:.0f}s", flush=True)
 

@@ -24,7 +24,7 @@ except ImportError:  # pragma: no cover - very old transformers
 # Attribute names of the decoder-layer list, tried after the config-driven search; covers the
 # architectures named in docs/architecture.md and most others on the hub.
 _LAYER_LIST_HINTS = ("model.layers", "model.decoder.layers", "transformer.h", "gpt_neox.layers", "transformer.layers")
-_ATTENTION_HINTS = ("self_attn", "attn", "attention", "self_attention")
+ATTENTION_HINTS = ("self_attn", "attn", "attention", "self_attention")
 _MLP_HINTS = ("mlp", "feed_forward", "ffn", "block_sparse_moe")
 _ROUTER_HINTS = ("gate", "router")
 
@@ -143,7 +143,7 @@ class ModelAdapter:
         }
 
     def attention_modules(self) -> dict[str, nn.Module]:
-        return self._child_by_hint(_ATTENTION_HINTS)
+        return self._child_by_hint(ATTENTION_HINTS)
 
     def mlp_modules(self) -> dict[str, nn.Module]:
         return self._child_by_hint(_MLP_HINTS)

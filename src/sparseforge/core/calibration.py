@@ -78,6 +78,12 @@ class InputStats:
         return self.col_sum / max(self.n_tokens, 1)
 
     @property
+    def col_var(self) -> torch.Tensor:
+        """Var[x_j] over calibration tokens (population variance; DSnoT divides its regrowth score by it)."""
+        n = max(self.n_tokens, 1)
+        return (self.col_sq_sum / n - self.col_mean**2).clamp_min(0.0)
+
+    @property
     def col_norm(self) -> torch.Tensor:
         """||x_j||_2 over all calibration tokens (Wanda's activation norm)."""
         return self.col_sq_sum.sqrt()

@@ -120,7 +120,7 @@ def save(model, directory, tokenizer=None, recipe=None, stages=None, metrics=Non
         raise UserInputError(f"storage '{storage}' is unknown; choose one of {', '.join(STORAGES)}")
     with atomic_directory(directory, overwrite) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
-        packed = _compact_weights(model, tmp) if storage == "compact" else {}
+        packed, planes = _compact_weights(model, tmp) if storage == "compact" else ({}, {})
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         info = dict(getattr(model, "sparseforge_info", None) or {})
@@ -140,19 +140,20 @@ def save(model, directory, tokenizer=None, recipe=None, stages=None, metrics=Non
         if metrics is not None:
             info["metrics"] = metrics
         info.setdefault("runtime", {})
-        info["storage"] = {"format": storage, "tensors": packed}
+        info["storage"] = {"format": storage, "tensors": packed} | ({"planes": planes} if planes else {})
         write_json(tmp / ARTIFACT_FILE, info)
     return pathlib.Path(directory)
 
 
-def _compact_weights(model, directory: pathlib.Path) -> dict[str, dict]:
+def _compact_weights(model, directory: pathlib.Path) -> tuple[dict[str, dict], dict[str, dict]]:
     """Replace the safetensors that save_pretrained wrote by the in-memory state dict (transformers may
-    rename tensors on save, e.g. fused experts), with each sparse projection weight packed (N:M or bitmask). Tied tensors are stored once. Returns {tensor name: layout} for packed ones."""
+    rename tensors on save, e.g. fused experts), with each sparse projection weight packed (N:M or bitmask). Tied tensors are stored once. Large float tensors (packed values included) are then
+    plane-coded. Returns ({tensor name: sparse layout}, {tensor name: plane-coded dtype and shape})."""
     from safetensors.torch import save_file
 
     from sparseforge.core.adapter import ModelAdapter
     from sparseforge.core.masks import check_nm
-    from sparseforge.formats.sparse_storage import pack_bitmask, pack_nm
+    from sparseforge.formats.sparse_storage import encode_planes, pack_bitmask, pack_nm
 
     files = sorted(directory.glob("*.safetensors"))
     tensors: dict = {}
@@ -189,24 +190,42 @@ def _compact_weights(model, directory: pathlib.Path) -> dict[str, dict]:
         for part, value in parts.items():
             out[f"{key}::{part}"] = value
         layout[key] = {"format": fmt, "shape": list(w.shape), "transposed": p.kind == "conv1d", **extra}
+    planes: dict[str, dict] = {}
+    for key in list(out):
+        t = out[key]
+        if t.is_floating_point() and t.element_size() >= 2 and t.numel() >= 1024:
+            parts = encode_planes(t)
+            if sum(x.numel() for x in parts.values()) < t.numel() * t.element_size():
+                del out[key]
+                for part, value in parts.items():
+                    out[f"{key}::{part}"] = value
+                planes[key] = {"dtype": str(t.dtype).removeprefix("torch."), "shape": list(t.shape)}
     for f in files:
         f.unlink()
     for index in directory.glob("*.safetensors.index.json"):
         index.unlink()
     save_file(out, directory / COMPACT_WEIGHTS_FILE, metadata={"format": "pt", "sparseforge": "compact"})
-    return layout
+    return layout, planes
 
 
 def _load_compact(path: pathlib.Path, info: dict, dtype):
     """Build the model from its config and fill it from the packed weights, exactly."""
+    import torch
     from safetensors.torch import load_file
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from sparseforge.formats.sparse_storage import unpack_bitmask, unpack_nm
+    from sparseforge.formats.sparse_storage import decode_planes, unpack_bitmask, unpack_nm
 
     raw = load_file(path / COMPACT_WEIGHTS_FILE)
+    tensors = info["storage"]["tensors"]
+    for key, spec in info["storage"].get("planes", {}).items():
+        parts = {part: raw.pop(f"{key}::{part}") for part in ("planes_top", "planes_rest")}
+        dtype = getattr(torch, spec["dtype"], None)
+        if not isinstance(dtype, torch.dtype):
+            raise UserInputError(f"compact artifact '{path}' names an unknown dtype '{spec['dtype']}'; re-create it")
+        raw[key] = decode_planes(parts, dtype, tuple(spec["shape"]))
     state = {k: v for k, v in raw.items() if "::" not in k}
-    for key, spec in info["storage"]["tensors"].items():
+    for key, spec in tensors.items():
         parts = {k.split("::", 1)[1]: v for k, v in raw.items() if k.startswith(f"{key}::")}
         shape = tuple(spec["shape"])
         w = unpack_nm(parts, shape, spec["n"], spec["m"]) if spec["format"] == "nm" else unpack_bitmask(parts, shape)

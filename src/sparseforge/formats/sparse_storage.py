@@ -6,10 +6,21 @@
   inside its group, packed two per byte (M <= 16). 2:4 in bf16 takes (1 + 1/4) / 2 = 0.625 of the dense
   bytes; in fp32, 0.56.
 Both round-trip bit for bit (a kept weight that happens to be exactly zero is stored as a kept zero).
+
+- planes: lossless entropy coding of a float tensor's most significant byte (sign and high exponent bits).
+  Trained weights use few exponents, so that byte deflates to about 0.44 of its size while the mantissa
+  bytes are close to random and are stored raw: fp32 values take about 0.86 of their bytes, bf16 about 0.72.
+  Applied to every large float tensor of a compact artifact (packed values and unpruned tensors alike).
 """
 from __future__ import annotations
 
+import sys
+import zlib
+
 import torch
+
+# zlib level 1: on this low-entropy byte it is within 10% of level 9's size at about 1/500 of the time.
+_PLANE_LEVEL = 1
 
 _BITS = torch.tensor([128, 64, 32, 16, 8, 4, 2, 1], dtype=torch.uint8)
 
@@ -69,3 +80,24 @@ def unpack_nm(parts: dict[str, torch.Tensor], shape: tuple[int, ...], n: int, m:
     out = torch.zeros(values.shape[0], cols // m, m, dtype=values.dtype)
     out.scatter_(-1, nibbles.reshape(values.shape), values)
     return out.reshape(shape)
+
+
+def encode_planes(tensor: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Split a float tensor (2+ bytes per element) into its deflated top byte and its raw lower bytes."""
+    if sys.byteorder != "little":  # pragma: no cover - every platform torch ships for is little-endian
+        raise RuntimeError("plane coding assumes a little-endian machine")
+    size = tensor.element_size()
+    raw = tensor.detach().contiguous().reshape(-1).view(torch.uint8).reshape(-1, size)
+    top = raw[:, -1].contiguous().numpy().tobytes()
+    deflated = torch.frombuffer(bytearray(zlib.compress(top, _PLANE_LEVEL)), dtype=torch.uint8)
+    return {"planes_top": deflated, "planes_rest": raw[:, :-1].contiguous().reshape(-1)}
+
+
+def decode_planes(parts: dict[str, torch.Tensor], dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
+    """Exact inverse of `encode_planes`."""
+    size = torch.empty((), dtype=dtype).element_size()
+    top = torch.frombuffer(bytearray(zlib.decompress(parts["planes_top"].numpy().tobytes())), dtype=torch.uint8)
+    rest = parts["planes_rest"].reshape(-1, size - 1)
+    if top.numel() != rest.shape[0]:
+        raise ValueError("plane-coded tensor is corrupt: its byte planes disagree in length")
+    return torch.cat([rest, top.reshape(-1, 1)], dim=1).reshape(-1).view(dtype).reshape(shape)

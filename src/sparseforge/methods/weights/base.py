@@ -70,6 +70,10 @@ class WeightPruner(Method):
         mask = select_mask(self.score(weight, stats), pattern, self.compare)
         return weight * mask
 
+    def prune_projection(self, name: str, weight: torch.Tensor, stats: InputStats | None, pattern: Pattern) -> torch.Tensor:
+        """Prune the projection called `name`; methods that treat projections differently by role override this."""
+        return self.prune_weight(weight, stats, pattern)
+
     def apply(self, model, tokenizer=None, targets=("*",), ignore=(), calibration: CalibrationConfig | None = None, progress=True) -> StageResult:
         calibration = calibration or CalibrationConfig()
         batches = calibration_batches(tokenizer, calibration) if self.needs_stats else None
@@ -78,7 +82,7 @@ class WeightPruner(Method):
         def prune_layer(index, layer, projections, stats):
             for name, proj in projections.items():
                 w = proj.weight()
-                proj.set_weight(self.prune_weight(w.float(), stats.get(name), self.pattern_for(index)).to(w.dtype))
+                proj.set_weight(self.prune_projection(name, w.float(), stats.get(name), self.pattern_for(index)).to(w.dtype))
                 pruned.append(name)
 
         run_layerwise(model, prune_layer, targets, ignore, batches, self.needs_stats, calibration, progress, desc=self.name)

@@ -1,12 +1,19 @@
-"""DSnoT (Zhang et al., 2024): training-free prune-and-grow repair of a pruned layer. For each output row i,
-the expected output error e_i = Σ_j (W_ij − Ŵ_ij)·E[x_j] is driven towards zero by swaps that keep the
-row's number of weights: revive the pruned weight that cuts |e_i| most, and remove the kept weight of
-least Wanda importance |w|·||x|| among those whose removal also moves e_i towards zero (any kept weight
-if none does). A swap is kept only if |e_i| shrinks; a row stops when it no longer does, after
-`max_cycles` swaps, or once |e_i| falls below `tolerance` times its starting value.
+"""DSnoT (Zhang et al., 2024): training-free prune-and-grow repair of a pruned layer.
 
-Swaps stay within a row, so per-row counts (unstructured with compare=row, or any per-row budget) are
-preserved exactly; N:M bases are not supported (a swap could break a group).
+For output row i let e_i = sum_j (W_ij - What_ij) * E[x_j], the expected output error the mask introduces.
+Each cycle makes one swap per row that keeps the row's weight count:
+  * grow: the pruned weight with the largest sign(e_i) * W_ij * E[x_j] / Var[x_j]^variance_power, i.e. the
+    revival that cuts the error most, preferring inputs whose variance is small (where the mean is a reliable
+    stand-in for the input, the paper's variance term);
+  * prune: among kept weights whose W_ij * E[x_j] has the opposite sign of e_i (removing them also moves e_i
+    toward zero), the one of least Wanda importance |W_ij| * ||x_j||.
+A row stops when a swap would not shrink |e_i| (the reference code accepts any swap while |e_i| is above a
+threshold; we keep only improving swaps so the repair never increases the error it targets), after
+`max_cycles` swaps, or once |e_i| < tolerance * (its starting value).
+
+Like the reference implementation's default, only attention projections are repaired (`repair: attention`);
+its authors found repairing the MLP projections hurts. Swaps stay within a row, so per-row counts
+(unstructured with compare=row) are preserved exactly; N:M bases are not supported (a swap could break a group).
 """
 from __future__ import annotations
 
@@ -14,6 +21,7 @@ import dataclasses
 
 import torch
 
+from sparseforge.core.adapter import ATTENTION_HINTS
 from sparseforge.core.masks import Pattern
 from sparseforge.errors import UserInputError
 from sparseforge.methods.base import get_method, param, register
@@ -26,37 +34,45 @@ class DSnoTParams:
     sparsity: float = param(0.6, "fraction of weights removed by the base pruner, in [0, 1)")
     max_cycles: int = param(50, "most prune-and-grow swaps per row")
     tolerance: float = param(0.1, "stop a row once |error| is below this fraction of its starting value")
+    variance_power: float = param(1.0, "growth score divides by Var[x_j] to this power (0: mean-only criterion)")
+    repair: str = param("attention", "which projections get the repair; the others keep the base mask", ("attention", "mlp", "all"))
 
 
 def dsnot_repair(dense: torch.Tensor, pruned: torch.Tensor, col_mean: torch.Tensor, col_norm: torch.Tensor,
-                 max_cycles: int = 50, tolerance: float = 0.1) -> torch.Tensor:
+                 max_cycles: int = 50, tolerance: float = 0.1, col_var: torch.Tensor | None = None,
+                 variance_power: float = 1.0) -> torch.Tensor:
     """Swap weights within each row of `pruned` ([out, in]) to shrink the expected output error."""
     W = dense.float()
     current = pruned.float().clone()  # kept weights keep their values (SparseGPT may have updated them)
     kept = current != 0
     mu = col_mean.float().to(W.device).reshape(1, -1)
-    revive_gain = W * mu  # reviving a pruned weight at its dense value lowers the row error by this
+    contribution = W * mu  # reviving weight j lowers e by this; removing it raises e by current * mu
+    if col_var is not None and variance_power:
+        # Floor the variance so constant inputs do not dominate through a division by ~0.
+        var = col_var.float().to(W.device).reshape(1, -1)
+        var = var.clamp_min(1e-6 * float(var.mean()) + 1e-12)
+        grow_score = contribution / var.pow(variance_power)
+    else:
+        grow_score = contribution
     importance = W.abs() * col_norm.float().to(W.device).reshape(1, -1)
-    error = (W * mu).sum(1) - (current * mu).sum(1)
+    error = contribution.sum(1) - (current * mu).sum(1)
     start = error.abs()
     active = start > 0
     rows = torch.arange(W.shape[0], device=W.device)
+    neg_inf = torch.tensor(-torch.inf, device=W.device)
+    pos_inf = torch.tensor(torch.inf, device=W.device)
     for _ in range(max_cycles):
         if not active.any():
             break
         sign = torch.sign(error).reshape(-1, 1)
-        # Grow: the pruned weight whose revival lowers the error most (same sign as the error).
-        gain = torch.where(~kept, revive_gain * sign, torch.full_like(W, -torch.inf))
+        gain = torch.where(~kept, grow_score * sign, neg_inf)
         grow = gain.argmax(1)
-        after_grow = error - revive_gain[rows, grow]
-        # Prune: the least important kept weight whose removal moves the error towards zero, if any.
-        removal = current * mu  # removing a kept weight raises the row error by this
-        toward = (removal * torch.sign(after_grow).reshape(-1, 1)) < 0
-        candidates = kept & toward
-        candidates = torch.where(candidates.any(1, keepdim=True), candidates, kept)
-        drop = torch.where(candidates, importance, torch.full_like(W, torch.inf)).argmin(1)
-        new_error = after_grow + removal[rows, drop]
-        accept = active & (new_error.abs() < error.abs()) & torch.isfinite(gain[rows, grow]) & (grow != drop)
+        removal = current * mu
+        candidates = kept & (removal * sign < 0)
+        drop = torch.where(candidates, importance, pos_inf).argmin(1)
+        has_drop = candidates.any(1)
+        new_error = error - contribution[rows, grow] + removal[rows, drop]
+        accept = active & has_drop & (gain[rows, grow] > 0) & (new_error.abs() < error.abs())
         if not accept.any():
             break
         r, g, d = rows[accept], grow[accept], drop[accept]
@@ -94,9 +110,23 @@ class DSnoT(WeightPruner):
     def pattern(self) -> Pattern:
         return Pattern("unstructured", self.params.sparsity)
 
+    def prune_projection(self, name, weight, stats, pattern):
+        if not _repairs(self.params.repair, name):
+            return self.base.prune_weight(weight, stats, pattern)
+        return self.prune_weight(weight, stats, pattern)
+
     def prune_weight(self, weight, stats, pattern):
         if weight.dim() != 2:
             raise UserInputError("dsnot repairs 2-D weights only; ignore fused expert weights ('*experts*')")
         pruned = self.base.prune_weight(weight, stats, pattern)
         # Revived weights take their dense values: DSnoT does not update weights, only the mask.
-        return dsnot_repair(weight, pruned, stats.col_mean, stats.col_norm, self.params.max_cycles, self.params.tolerance)
+        return dsnot_repair(weight, pruned, stats.col_mean, stats.col_norm, self.params.max_cycles, self.params.tolerance,
+                            stats.col_var, self.params.variance_power)
+
+
+def _repairs(which: str, projection_name: str) -> bool:
+    """Whether a projection is in scope: attention projections are found by the adapter's module-name hints."""
+    if which == "all":
+        return True
+    in_attention = any(part in ATTENTION_HINTS for part in projection_name.split("."))
+    return in_attention if which == "attention" else not in_attention
