@@ -20,16 +20,15 @@ def test_bundled_model_files_and_limits():
     assert card["ngram_trigram_kn_perplexity"] > 1 and card["training"]["tokens_seen"] > 0
 
 
-# The reference model's quality targets (issue 2). The bundled model was trained on a 2-core CPU for 72
-# minutes and misses both; these strict xfails turn into failures the day a retrained model meets them,
-# so the markers get removed then.
-@pytest.mark.xfail(strict=True, reason="CPU-trained reference model: held-out perplexity above the trigram baseline")
+# The reference model's quality targets (issue 2). "Well below" is taken as at most 0.8x the trigram's
+# perplexity. The passkey target is still missed in two cells of the card (a strict xfail: it turns into a
+# failure the day a retrained model meets it, so the marker gets removed then).
 def test_target_perplexity_well_below_ngram():
     card = json.loads(CARD.read_text())
     assert card["perplexity"] < 0.8 * card["ngram_trigram_kn_perplexity"]
 
 
-@pytest.mark.xfail(strict=True, reason="CPU-trained reference model: passkey retrieval far below 95%")
+@pytest.mark.xfail(strict=True, reason="CPU-trained reference model: passkey below 95% in 2 of 15 cells (512 at depth 0.5, 2048 at depth 1)")
 def test_target_passkey_at_every_length_and_depth():
     card = json.loads(CARD.read_text())
     assert all(cell["accuracy"] >= 0.95 for cell in card["passkey_cells"])

@@ -82,9 +82,11 @@ def runs_table(info: dict) -> str:
         )
         prev = run
     return "\n".join(lines) + (
-        "\n\nThe runs were made with successive versions of the training script (the copy practice of runs "
-        "before the last drew tokens uniformly from the vocabulary, and run 2's copying phase used 128-256-token "
-        "bfloat16 sequences); the current script reproduces the last run's settings."
+        "\n\nEach run after the first continued from the previous run's weights with a fresh warm-up and cosine "
+        "schedule. The runs used successive versions of the training script: runs 1 and 2 drew their copy-practice "
+        "tokens uniformly from the vocabulary, and run 2's copying phase used 128-256-token bfloat16 sequences; "
+        "run 3 was stopped after its float32 copying phase (64-128 tokens), during which copying heads began to "
+        "form; run 4 trained with the current script's mix. The current script reproduces runs 3 and 4."
         if len(runs) > 1 else ""
     )
 
@@ -200,7 +202,7 @@ No GPU was available to the sessions that trained it, so it is a CPU-sized model
 
 ## Evaluation
 Produced by `training/model_card.py` with the same tasks and default settings as `sparseforge eval`
-({hw.split(',')[0]}; evaluation took {eval_seconds:.0f} s).
+({hw}; evaluation took {eval_seconds:.0f} s).
 
 | metric | value |
 |---|---|
