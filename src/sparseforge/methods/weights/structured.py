@@ -28,7 +28,7 @@ import dataclasses
 import torch
 from torch import nn
 
-from sparseforge.core.adapter import Conv1D, ModelAdapter, Projection
+from sparseforge.core.adapter import ATTENTION_HINTS, Conv1D, ModelAdapter, Projection
 from sparseforge.core.calibration import CalibrationConfig, InputStats, calibration_batches, run_layerwise
 from sparseforge.core.masks import HeadPlan, channel_weight_mask, drop_lowest, head_mask, prune_count
 from sparseforge.errors import UserInputError
@@ -108,7 +108,7 @@ def _find_layout(model, adapter: ModelAdapter, index: int, need_mlp: bool, need_
     prefix = adapter.layer_name(index) + "."
     projs = {n[len(prefix):]: p for n, p in adapter.projections(index).items()}
     layer = adapter.layers[index]
-    attn = next((h for h in ("self_attn", "attn", "attention", "self_attention") if isinstance(getattr(layer, h, None), nn.Module)), None)
+    attn = next((h for h in ATTENTION_HINTS if isinstance(getattr(layer, h, None), nn.Module)), None)
     in_attn = {r: p for r, p in projs.items() if attn and r.startswith(attn + ".")}
     others = {r: p for r, p in projs.items() if r not in in_attn}
     layout = _Layout([], None, attn, None, None, None, None, {})
