@@ -444,6 +444,14 @@ def test_max_tokens_zero_is_rejected(capsys, shared_tiny_dir, monkeypatch):
     assert_user_error(capsys, ["eval", "--model", shared_tiny_dir, "--tasks", "perplexity", "--max-tokens", "0"], "max_tokens")
 
 
+def test_retrieval_per_cell_flag(capsys, tmp_path, shared_tiny_dir):
+    assert_user_error(capsys, ["eval", "--model", shared_tiny_dir, "--tasks", "passkey", "--retrieval-per-cell", "0"], "retrieval-per-cell")
+    report = tmp_path / "r.json"
+    assert main(["--quiet", "eval", "--model", str(shared_tiny_dir), "--tasks", "passkey", "--retrieval-per-cell", "3", "--json", str(report)]) == 0
+    cells = read_json(report)["metrics"]["passkey_cells"]
+    assert len(cells) == 5 and all(c["n"] == 3 for c in cells)  # one length (512 positions) x five depths
+
+
 def test_eval_json_path_is_checked_before_evaluating(capsys, tmp_path, shared_tiny_dir, monkeypatch):
     import sparseforge.api
 

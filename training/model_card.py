@@ -71,14 +71,15 @@ def kneser_ney_trigram_perplexity(train: list[int], test: list[int], discount: f
 def runs_table(info: dict) -> str:
     """One row per training run; later runs continued from the weights of the one before (--init-from)."""
     runs = info.get("previous_runs", []) + [info]
-    lines = ["| run | steps | tokens | minutes | precision | copying phase (min) | episodes |", "|---|---|---|---|---|---|---|"]
+    lines = ["| run | steps | tokens | minutes | precision | copying phase (min) | episodes | lengths | edge depths |", "|---|---|---|---|---|---|---|---|---|"]
     prev = {"steps": 0, "tokens_seen": 0, "train_seconds": 0.0}
     for i, run in enumerate(runs, 1):
         a = run.get("args", {})
         lines.append(
             f"| {i} | {run['steps'] - prev['steps']} | {run['tokens_seen'] - prev['tokens_seen']:,} | "
             f"{(run['train_seconds'] - prev['train_seconds']) / 60:.1f} | {a.get('precision', 'fp32')} | "
-            f"{a.get('induction_minutes', 0):g} | {a.get('episode_frac', 0):.0%} |"
+            f"{a.get('induction_minutes', 0):g} | {a.get('episode_frac', 0):.0%} | {a.get('length_mix') or 'curriculum'} | "
+            f"{a.get('edge_depth_frac', 0):.0%} |"
         )
         prev = run
     return "\n".join(lines) + (
@@ -86,7 +87,10 @@ def runs_table(info: dict) -> str:
         "schedule. The runs used successive versions of the training script: runs 1 and 2 drew their copy-practice "
         "tokens uniformly from the vocabulary, and run 2's copying phase used 128-256-token bfloat16 sequences; "
         "run 3 was stopped after its float32 copying phase (64-128 tokens), during which copying heads began to "
-        "form; run 4 trained with the current script's mix. The current script reproduces runs 3 and 4."
+        "form; run 4 trained with the growing length curriculum; run 5 used a fixed mix weighted towards 2048 tokens "
+        "(`--length-mix`) and planted 40% of retrieval answers in the first or last 10% of the context "
+        "(`--edge-depth-frac`), where the card's accuracy was lowest, at a lower peak learning rate. The current "
+        "script reproduces runs 3 to 5 with the arguments in training_info.json."
         if len(runs) > 1 else ""
     )
 

@@ -60,7 +60,26 @@ def length_mix(progress: float) -> dict[int, float]:
     return {512: 0.3, 1024: 0.3, 2048: 0.4}
 
 
-def make_batch(rng, tokenizer, train_ids, length, batch_size, episode_frac, copy_frac=0.1):
+def parse_length_mix(text: str) -> dict[int, float]:
+    """'1024:0.3,2048:0.7' -> {1024: 0.3, 2048: 0.7}"""
+    try:
+        mix = {int(k): float(v) for k, v in (part.split(":") for part in text.split(","))}
+    except ValueError:
+        raise SystemExit(f"--length-mix {text!r}: expected LENGTH:WEIGHT pairs separated by commas, e.g. 1024:0.3,2048:0.7")
+    if not mix or any(L < 64 or L > 2048 or w <= 0 for L, w in mix.items()):
+        raise SystemExit(f"--length-mix {text!r}: lengths must lie in [64, 2048] and weights be positive")
+    return mix
+
+
+def sample_depth(rng, edge_frac: float) -> float:
+    """Where the answer is planted. With probability `edge_frac` near either end of the context (the first or
+    last 10%), where a long context's retrieval fails first; otherwise uniform."""
+    if rng.random() < edge_frac:
+        return rng.random() * 0.1 if rng.random() < 0.5 else 0.9 + rng.random() * 0.1
+    return rng.random()
+
+
+def make_batch(rng, tokenizer, train_ids, length, batch_size, episode_frac, copy_frac=0.1, edge_frac=0.0):
     rows, answer_mask = [], []
     for _ in range(batch_size):
         if rng.random() < episode_frac:
@@ -90,12 +109,12 @@ def make_batch(rng, tokenizer, train_ids, length, batch_size, episode_frac, copy
                 answer_mask.append([0] * (length - span_len + 1) + [1] * (span_len - 1))
                 continue
             if kind < copy_frac + 0.15 + 0.55 * (0.85 - copy_frac):
-                ep = passkey_episode(rng, tokenizer, train_ids, length, rng.random())
+                ep = passkey_episode(rng, tokenizer, train_ids, length, sample_depth(rng, edge_frac))
             else:
                 # Asking for every key multiplies the retrieval signal per episode; each extra question
                 # takes about 25 tokens, reserved here; the row is then cut or padded to `length`.
                 n_keys = 1 if length <= 64 else 2 if length <= 256 else 4
-                ep = multikey_episode(rng, tokenizer, train_ids, length - 26 * (n_keys - 1), rng.random(), n_keys, n_keys - 1)
+                ep = multikey_episode(rng, tokenizer, train_ids, length - 26 * (n_keys - 1), sample_depth(rng, edge_frac), n_keys, n_keys - 1)
             mask = [0] * len(ep.input_ids)
             for start, end in ((ep.answer_start, ep.answer_end), *ep.extra_answers):
                 mask[start:end] = [1] * (end - start)
@@ -146,7 +165,13 @@ def main() -> None:
     ap.add_argument("--induction-minutes", type=float, default=15.0,
                     help="first phase: short sequences, mostly copy and retrieval episodes, so the copying (induction) "
                          "heads that retrieval needs form before long contexts dilute attention")
+    ap.add_argument("--length-mix", default=None,
+                    help="fixed sequence-length mix after the copying phase, e.g. 1024:0.3,2048:0.7 (default: the "
+                         "growing curriculum of length_mix)")
+    ap.add_argument("--edge-depth-frac", type=float, default=0.0,
+                    help="fraction of retrieval episodes whose answer sits in the first or last 10%% of the context")
     args = ap.parse_args()
+    fixed_mix = parse_length_mix(args.length_mix) if args.length_mix else None
 
     from transformers import AutoTokenizer, LlamaForCausalLM
 
@@ -244,10 +269,11 @@ def main() -> None:
         if progress >= 1.0:
             break
         induction_phase = elapsed < args.induction_minutes * 60
-        mix = {64: 0.5, 128: 0.5} if induction_phase else length_mix(progress)
+        mix = {64: 0.5, 128: 0.5} if induction_phase else fixed_mix or length_mix(progress)
         L = rng.choices(list(mix), weights=list(mix.values()))[0]
         ids, am = make_batch(rng, tokenizer, train_ids, L, max(1, args.tokens_per_step // L),
-                             0.9 if induction_phase else args.episode_frac, 0.4 if induction_phase else 0.1)
+                             0.9 if induction_phase else args.episode_frac, 0.4 if induction_phase else 0.1,
+                             args.edge_depth_frac)
         ids, am = ids.to(args.device), am.to(args.device)
         lr = args.lr * min(1.0, (step + 1) / warmup) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
         for g in opt.param_groups:

@@ -16,9 +16,12 @@ from sparseforge.recipe import Recipe, load_recipe
 __all__ = ["compress", "evaluate", "load", "load_tokenizer", "save", "results_document"]
 
 
-def load(path_or_hub_id: str | os.PathLike | None = None, device: str | None = None, dtype=None):
-    """A causal LM from a directory, a sparseforge artifact or a hub id (None: the bundled reference model)."""
-    return load_model(path_or_hub_id, device=device, dtype=dtype)
+def load(path_or_hub_id: str | os.PathLike | None = None, device: str | None = None, dtype=None, offload: bool | str | os.PathLike = False):
+    """A causal LM from a directory, a sparseforge artifact or a hub id (None: the bundled reference model).
+
+    offload=True (or a scratch directory): keep the decoder layers on disk and hold one at a time in memory
+    while compressing; such a model can be compressed and saved, not run (save it, then load the result)."""
+    return load_model(path_or_hub_id, device=device, dtype=dtype, offload=offload)
 
 
 def _check_targets(model, recipe: Recipe) -> None:
@@ -44,7 +47,9 @@ def compress(model=None, recipe: Recipe | str | None = None, tokenizer=None, dev
     if model is None or isinstance(model, (str, os.PathLike)):
         tokenizer = tokenizer or load_tokenizer(model)
         model = load_model(model)
-    elif not inplace:
+    elif not inplace and getattr(model, "sparseforge_offload", None) is None:
+        # A disk-offloaded model is always compressed in place: its layers change in scratch files, never in
+        # the checkpoint it was loaded from.
         model = copy.deepcopy(model)
     _check_targets(model, recipe)
     if device:

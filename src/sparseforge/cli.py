@@ -81,12 +81,19 @@ def cmd_compress(args) -> int:
     recipe = load_recipe(args.recipe)
     out = check_output_dir(args.out, args.overwrite)
     source = resolve_model_path(args.model)
-    model, tokenizer = api.load(args.model), api.load_tokenizer(args.model)
+    if args.offload_dir is not None and args.storage != "dense":
+        raise UserInputError("--offload-dir writes a dense checkpoint layer by layer; drop --storage compact (convert the result afterwards)")
+    model, tokenizer = api.load(args.model, offload=args.offload_dir or False), api.load_tokenizer(args.model)
     _say(args, f"compressing {source} with recipe '{recipe.name}' ({len(recipe.stages)} stage(s))")
-    model, report = api.compress(model, recipe, tokenizer, device=args.device, progress=not args.quiet, inplace=True)
-    sparsity = weight_sparsity(model)
-    metrics = {"sparsity": sparsity["sparsity"], "compress_seconds": report["compress_seconds"]}
-    save(model, out, tokenizer, recipe=recipe, metrics=metrics, overwrite=args.overwrite, base_model=source, storage=args.storage)
+    try:
+        model, report = api.compress(model, recipe, tokenizer, device=args.device, progress=not args.quiet, inplace=True)
+        sparsity = weight_sparsity(model)
+        metrics = {"sparsity": sparsity["sparsity"], "compress_seconds": report["compress_seconds"]}
+        save(model, out, tokenizer, recipe=recipe, metrics=metrics, overwrite=args.overwrite, base_model=source, storage=args.storage)
+    finally:
+        store = getattr(model, "sparseforge_offload", None)
+        if store is not None:
+            store.close()  # scratch files go now, not at interpreter exit
     _say(args, f"wrote {out}  (sparsity {sparsity['sparsity']:.3f}, {report['compress_seconds']:.1f} s)")
     return 0
 
@@ -120,10 +127,11 @@ def cmd_eval(args) -> int:
         resolve_model_path(args.reference)
     if args.json:
         _check_writable_file(args.json)
+    settings = _settings(args)
     model, tokenizer = api.load(args.model, device=args.device), api.load_tokenizer(args.model)
     reference = api.load(args.reference, device=args.device) if args.reference else None
     model_dir = source if pathlib.Path(source).is_dir() else None
-    doc = api.evaluate(model, tokenizer, tasks, reference=reference, model_dir=model_dir, settings=_settings(args), model_name=source)
+    doc = api.evaluate(model, tokenizer, tasks, reference=reference, model_dir=model_dir, settings=settings, model_name=source)
     if args.json:
         _write_text(args.json, json.dumps(doc, indent=2) + "\n")
     _say(args, side_by_side({source: doc["metrics"]}))
@@ -144,9 +152,9 @@ def cmd_run(args) -> int:
     # that is not a previous run's output.
     if out.is_dir() and any(out.iterdir()) and not (out / "results.json").is_file():
         raise UserInputError(f"'{out}' exists and is not the output of an earlier `sparseforge run`; choose another --out")
+    settings = _settings(args, RUN_EVAL_SETTINGS)
     with atomic_directory(out, overwrite=True) as tmp:
         dense, tokenizer = api.load(args.model, device=args.device), api.load_tokenizer(args.model)
-        settings = _settings(args, RUN_EVAL_SETTINGS)
         _say(args, f"[1/4] evaluating dense model {source}")
         dense_doc = api.evaluate(dense, tokenizer, RUN_TASKS, model_dir=source if pathlib.Path(source).is_dir() else None, settings=settings, model_name=source)
         _say(args, f"[2/4] compressing with recipe '{recipe.name}'")
@@ -178,7 +186,14 @@ def _settings(args, base: dict | None = None) -> dict:
     """Eval settings: `eval` uses the defaults (as the model card does); `run` passes its shorter ones."""
     settings = dict(base or {})
     if getattr(args, "max_tokens", None) is not None:
+        if args.max_tokens < 1:  # checked here, before any model is loaded
+            raise UserInputError(f"--max-tokens (max_tokens) must be a positive integer, got {args.max_tokens}; pass e.g. 4096 or leave it unset")
         settings["max_tokens"] = args.max_tokens
+    per_cell = getattr(args, "retrieval_per_cell", None)
+    if per_cell is not None:
+        if per_cell < 1:
+            raise UserInputError(f"--retrieval-per-cell must be at least 1, got {per_cell}")
+        settings["retrieval_per_cell"] = per_cell
     return settings
 
 
@@ -218,6 +233,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--recipe", default=None, help="recipe YAML path or preset name (default: the default preset)")
     p.add_argument("--out", default=None, help=f"output directory (default: {DEFAULT_RUN_DIR}/run-RECIPE; replaced if present)")
     p.add_argument("--max-tokens", type=int, default=None, help="evaluate perplexity on at most this many held-out tokens")
+    p.add_argument("--retrieval-per-cell", type=int, default=None,
+                   help="passkey/multi-key episodes per (length, depth) cell (default: %(prog)s's own, see docs/metrics.md)")
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("compress", help="apply a recipe and write an artifact directory")
@@ -227,6 +244,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     p.add_argument("--storage", default="dense", choices=("dense", "compact"),
                    help="dense: plain HF checkpoint (zeros stored); compact: packed sparse weights (load with sparseforge)")
+    p.add_argument("--offload-dir", default=None,
+                   help="keep decoder layers on disk (scratch files in this directory) and hold one at a time in memory")
     p.set_defaults(func=cmd_compress)
 
     p = sub.add_parser("export", help="write an artifact (e.g. a compact one) as a plain Hugging Face checkpoint")
@@ -241,6 +260,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reference", default=None, help="reference model for KL and top-1 agreement")
     p.add_argument("--json", default=None, help="write the results document here")
     p.add_argument("--max-tokens", type=int, default=None, help="evaluate perplexity on at most this many held-out tokens")
+    p.add_argument("--retrieval-per-cell", type=int, default=None,
+                   help="passkey/multi-key episodes per (length, depth) cell (default: %(prog)s's own, see docs/metrics.md)")
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("methods", help="list registered methods with their parameters, and the presets")

@@ -6,7 +6,8 @@
    hooks accumulate statistics of each targeted projection's input, let the method change the layer,
    then run the (changed) layer again to produce the inputs of layer i+1, and move it back.
 
-Only one decoder layer and its activations sit on the compute device at a time. Passing the changed
+Only one decoder layer and its activations sit on the compute device at a time; with a disk-offloaded model
+(core.offload) only that layer is in memory at all. Passing the changed
 layer's outputs on (the default, `propagate="pruned"`) lets later layers correct for earlier changes, as
 SparseGPT and Wanda do; `propagate="dense"` feeds every layer the dense model's activations instead.
 """
@@ -127,12 +128,14 @@ def _with_hidden(args: tuple, kwargs: dict, hidden: torch.Tensor) -> tuple[tuple
     return args, {**kwargs, "hidden_states": hidden}
 
 
-def _run_layer(layer: nn.Module, inputs) -> list[torch.Tensor]:
+def _run_layer(layer: nn.Module, inputs, keep: bool = True) -> list[torch.Tensor]:
+    """The layer's outputs for every captured input (keep=False: run it for its hooks only, keep nothing)."""
     outs = []
     with torch.inference_mode():
         for args, kwargs in inputs:
             out = layer(*args, **kwargs)
-            outs.append(out[0] if isinstance(out, (tuple, list)) else out)
+            if keep:
+                outs.append(out[0] if isinstance(out, (tuple, list)) else out)
     return outs
 
 
@@ -162,14 +165,30 @@ def run_layerwise(
     if need_forward and not batches:
         raise ValueError("this method needs calibration batches")
 
+    store = getattr(model, "sparseforge_offload", None)
+    if store is not None:
+        store.walking = True
+    try:
+        _walk(model, adapter, layer_fn, targets, ignore, batches, stats, config, progress, desc, device, model_device, store)
+    finally:
+        if store is not None:
+            store.walking = False
+
+
+def _walk(model, adapter, layer_fn, targets, ignore, batches, stats, config, progress, desc, device, model_device, store) -> None:
+    need_forward = bool(stats)
     inputs = None
     if need_forward:
         # Everything but the decoder layers moves to the compute device; the layers wait where they are.
         _move_non_layers(model, adapter, device)
         inputs = capture_layer_inputs(model, adapter, batches, device)
 
+    # A disk-offloaded model (core.offload) keeps its layers in files: each is read when its turn comes and
+    # written back (changed) afterwards, instead of being moved between devices.
     for i, layer in enumerate(tqdm(adapter.layers, desc=desc, disable=not progress, leave=False)):
         projections = adapter.select(targets, ignore, layer_index=i)
+        if store is not None:
+            store.materialize(i, device)
         layer_home = next(layer.parameters()).device
         layer.to(device)
         layer_stats: dict[str, InputStats] = {}
@@ -186,7 +205,9 @@ def run_layerwise(
                 layer_stats[name] = st
                 handles.append(proj.module.register_forward_hook(lambda m, a, o, st=st: st.add_batch(a[0])))
             try:
-                dense_outputs = _run_layer(layer, inputs)
+                # With pruned propagation the dense outputs are not needed: not keeping them saves one copy
+                # of the calibration activations on the device.
+                dense_outputs = _run_layer(layer, inputs, keep=config.propagate == "dense")
             finally:
                 for h in handles:
                     h.remove()
@@ -194,7 +215,10 @@ def run_layerwise(
         if need_forward and i + 1 < adapter.num_layers:
             outputs = dense_outputs if config.propagate == "dense" else _run_layer(layer, inputs)
             inputs = [_with_hidden(a, k, h) for (a, k), h in zip(inputs, outputs)]
-        layer.to(layer_home)
+        if store is not None:
+            store.release(i)
+        else:
+            layer.to(layer_home)
         if device.type == "cuda":
             torch.cuda.empty_cache()
     if need_forward:

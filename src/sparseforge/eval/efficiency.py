@@ -1,6 +1,7 @@
 """Efficiency metrics: weight sparsity, size on disk, peak memory and prefill/decode throughput."""
 from __future__ import annotations
 
+import contextlib
 import os
 import pathlib
 import statistics
@@ -25,21 +26,24 @@ def weight_sparsity(model, targets: Iterable[str] = ("*",), ignore: Iterable[str
     Returns {"sparsity": zeros / elements over all selected projections, "sparsity_per_layer":
     {projection name: its zero fraction}, "params_targeted": elements in the selected projections}.
     """
-    selected = ModelAdapter(model).select(targets, ignore)
-    if not selected:
+    adapter = ModelAdapter(model)
+    if not adapter.select(targets, ignore):
         raise UserInputError(
             f"no projection matches targets {list(targets)} minus ignore {list(ignore)}; "
             "check the globs against the model's projection names"
         )
+    store = getattr(model, "sparseforge_offload", None)  # disk-offloaded: read one layer at a time
     zeros = 0
     total = 0
     per_layer = {}
-    for name, proj in selected.items():
-        w = proj.weight()
-        n_zero = int((w == 0).sum().item())
-        per_layer[name] = n_zero / w.numel()
-        zeros += n_zero
-        total += w.numel()
+    for i in range(adapter.num_layers):
+        with store.borrowed(i) if store is not None else contextlib.nullcontext():
+            for name, proj in adapter.select(targets, ignore, layer_index=i).items():
+                w = proj.weight()
+                n_zero = int((w == 0).sum().item())
+                per_layer[name] = n_zero / w.numel()
+                zeros += n_zero
+                total += w.numel()
     return {"sparsity": zeros / total, "sparsity_per_layer": per_layer, "params_targeted": total}
 
 

@@ -118,8 +118,15 @@ def save(model, directory, tokenizer=None, recipe=None, stages=None, metrics=Non
 
     if storage not in STORAGES:
         raise UserInputError(f"storage '{storage}' is unknown; choose one of {', '.join(STORAGES)}")
+    offloaded = getattr(model, "sparseforge_offload", None) is not None
+    if offloaded and storage != "dense":
+        raise UserInputError("a disk-offloaded model is saved layer by layer as a dense checkpoint; save with storage 'dense', "
+                             "then load it and save again with storage 'compact'")
     with atomic_directory(directory, overwrite) as tmp:
-        model.save_pretrained(tmp, safe_serialization=True)
+        if offloaded:
+            _save_offloaded(model, tmp)
+        else:
+            model.save_pretrained(tmp, safe_serialization=True)
         packed, planes = _compact_weights(model, tmp) if storage == "compact" else ({}, {})
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
@@ -143,6 +150,41 @@ def save(model, directory, tokenizer=None, recipe=None, stages=None, metrics=Non
         info["storage"] = {"format": storage, "tensors": packed} | ({"planes": planes} if planes else {})
         write_json(tmp / ARTIFACT_FILE, info)
     return pathlib.Path(directory)
+
+
+def _save_offloaded(model, directory: pathlib.Path) -> None:
+    """A sharded Hugging Face checkpoint written one decoder layer at a time, so a disk-offloaded model
+    (core.offload) never has more than one layer in memory: shard 1 holds everything outside the decoder
+    layers, shard i+2 holds layer i."""
+    from safetensors.torch import save_file
+
+    store = model.sparseforge_offload
+    prefix = store.prefix + "."
+    n_layers = store.adapter.num_layers
+    total = n_layers + 1
+    shard = lambda k: f"model-{k:05d}-of-{total:05d}.safetensors"  # noqa: E731
+    weight_map: dict[str, str] = {}
+    size = 0
+    rest, seen = {}, set()
+    for key, tensor in model.state_dict().items():
+        # Tied weights (an LM head sharing the embedding) are stored once, as save_pretrained does.
+        if key.startswith(prefix) or tensor.data_ptr() in seen:
+            continue
+        seen.add(tensor.data_ptr())
+        rest[key] = tensor.detach().to("cpu").contiguous()
+    save_file(rest, str(directory / shard(1)), metadata={"format": "pt"})
+    weight_map.update({k: shard(1) for k in rest})
+    size += sum(t.numel() * t.element_size() for t in rest.values())
+    for i in range(n_layers):
+        tensors = {f"{prefix}{i}.{n}": t.detach().to("cpu").contiguous() for n, t in store.layer_tensors(i).items()}
+        save_file(tensors, str(directory / shard(i + 2)), metadata={"format": "pt"})
+        weight_map.update({k: shard(i + 2) for k in tensors})
+        size += sum(t.numel() * t.element_size() for t in tensors.values())
+        del tensors
+    write_json(directory / "model.safetensors.index.json", {"metadata": {"total_size": size}, "weight_map": weight_map})
+    model.config.save_pretrained(directory)
+    if getattr(model, "generation_config", None) is not None and model.can_generate():
+        model.generation_config.save_pretrained(directory)
 
 
 def _compact_weights(model, directory: pathlib.Path) -> tuple[dict[str, dict], dict[str, dict]]:
@@ -257,8 +299,11 @@ def resolve_model_path(spec: str | os.PathLike | None) -> str:
     return text  # a hub id such as "org/name"
 
 
-def load_model(spec: str | os.PathLike | None = None, device: str | None = None, dtype=None):
-    """Load a causal LM from a directory or hub id (safetensors only) and restore its sparseforge settings."""
+def load_model(spec: str | os.PathLike | None = None, device: str | None = None, dtype=None, offload: bool | str | os.PathLike = False):
+    """Load a causal LM from a directory or hub id (safetensors only) and restore its sparseforge settings.
+
+    offload: leave the decoder layers on disk and read them one at a time while compressing (True: scratch
+    files in the system's temporary directory; a path: scratch files there). See core/offload.py."""
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -266,6 +311,18 @@ def load_model(spec: str | os.PathLike | None = None, device: str | None = None,
     local = pathlib.Path(path).is_dir()
     info_path = pathlib.Path(path) / ARTIFACT_FILE if local else None
     info = read_artifact_info(info_path) if info_path and info_path.is_file() else {}
+    if offload:
+        from sparseforge.core.offload import load_offloaded
+
+        if not local:
+            raise UserInputError(f"disk offload reads a local checkpoint, and '{path}' is not a directory; download the model first")
+        if info.get("storage", {}).get("format") == "compact":
+            raise UserInputError(f"'{path}' is a compact artifact; disk offload reads dense checkpoints: export it with `sparseforge export` first")
+        if device not in (None, "cpu"):
+            raise UserInputError("an offloaded model stays on the CPU between layers; pass the compute device to compress instead (--device)")
+        model = load_offloaded(path, None if offload is True else str(offload), dtype or torch.float32)
+        model.sparseforge_info, model.sparseforge_source = info, path
+        return model
     if info.get("storage", {}).get("format") == "compact":
         model = _load_compact(pathlib.Path(path), info, dtype or torch.float32).eval()
         if device:

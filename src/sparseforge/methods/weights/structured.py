@@ -434,6 +434,9 @@ class Structured(Method):
                 "a structured stage acts on every decoder layer alike (the config holds one MLP width and head count); "
                 "drop its 'targets' and 'ignore', and set mlp_sparsity or head_sparsity to 0 to leave a part alone"
             )
+        if getattr(model, "sparseforge_offload", None) is not None:
+            raise UserInputError("structured pruning reshapes every layer at once and cannot run on a disk-offloaded model; "
+                                 "load the model without offload")
         calibration = calibration or CalibrationConfig()
         plan = _plan(model, self.params)
         activation = self.params.score == "activation"

@@ -1,0 +1,224 @@
+"""Disk offload for layer-by-layer compression: keep only one decoder layer's weights in memory.
+
+`load_offloaded(path, offload_dir)` builds the model with its decoder-layer parameters on the `meta` device
+(no memory) and loads everything else (embeddings, final norm, LM head) normally. A `LayerStore` attached
+to the model as `model.sparseforge_offload` reads a layer's tensors from the checkpoint's safetensors files
+when the calibration walk reaches it (`materialize`), and after the method has changed it, writes the layer
+to a scratch file in the offload directory and drops it from memory again (`release`). Later walks (a second
+recipe stage) read the scratch file. `formats.artifact.save` streams such a model to disk layer by layer.
+
+Peak memory is then the non-layer weights, one layer, its calibration statistics and the activations,
+instead of the whole model: what lets a model larger than RAM be pruned on a small machine.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import pathlib
+import shutil
+import tempfile
+import weakref
+
+import torch
+from torch import nn
+
+from sparseforge.core.adapter import ModelAdapter
+from sparseforge.errors import UserInputError
+
+META = torch.device("meta")
+
+
+@contextlib.contextmanager
+def _parameters_on_meta():
+    """While active, every parameter a module registers is replaced by a `meta` tensor of the same shape
+    (buffers such as rotary frequencies are still computed for real). Parameters are created with
+    torch.empty, which reserves but never touches memory, so building even a large model costs nothing."""
+    original = nn.Module.register_parameter
+
+    def register(module, name, param):
+        original(module, name, param)
+        if param is not None and param.device != META:
+            module._parameters[name] = nn.Parameter(param.to(META), requires_grad=param.requires_grad)
+
+    nn.Module.register_parameter = register
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter = original
+
+
+class _CheckpointIndex:
+    """Which safetensors file holds each tensor of a local Hugging Face checkpoint."""
+
+    def __init__(self, directory: pathlib.Path):
+        index = directory / "model.safetensors.index.json"
+        if index.is_file():
+            weight_map = json.loads(index.read_text())["weight_map"]
+            self.file_of = {k: directory / v for k, v in weight_map.items()}
+        else:
+            files = sorted(directory.glob("*.safetensors"))
+            if not files:
+                raise UserInputError(f"'{directory}' has no .safetensors weights; disk offload reads safetensors checkpoints only")
+            from safetensors import safe_open
+
+            self.file_of = {}
+            for f in files:
+                with safe_open(str(f), "pt") as fh:
+                    self.file_of.update({k: f for k in fh.keys()})
+
+    def read(self, keys: list[str]) -> dict[str, torch.Tensor]:
+        from safetensors import safe_open
+
+        missing = [k for k in keys if k not in self.file_of]
+        if missing:
+            raise UserInputError(
+                f"checkpoint has no tensor '{missing[0]}' ({len(missing)} missing); disk offload needs a checkpoint whose "
+                "tensor names match the model's: load it normally once and save it with sparseforge.save or save_pretrained"
+            )
+        by_file: dict[pathlib.Path, list[str]] = {}
+        for k in keys:
+            by_file.setdefault(self.file_of[k], []).append(k)
+        out = {}
+        for f, names in by_file.items():
+            with safe_open(str(f), "pt") as fh:
+                out.update({k: fh.get_tensor(k) for k in names})
+        return out
+
+
+def _set_tensor(module: nn.Module, dotted: str, value: torch.Tensor) -> None:
+    owner_path, _, leaf = dotted.rpartition(".")
+    owner = module.get_submodule(owner_path) if owner_path else module
+    owner._parameters[leaf] = nn.Parameter(value, requires_grad=False)
+
+
+class LayerStore:
+    """Where the decoder layers of an offloaded model live between uses (see the module docstring)."""
+
+    def __deepcopy__(self, memo):
+        raise UserInputError("a disk-offloaded model cannot be copied; compress it in place (its source checkpoint is never modified)")
+
+    def __init__(self, model: nn.Module, source: pathlib.Path, offload_dir: str | None, dtype: torch.dtype):
+        self.adapter = ModelAdapter(model)
+        self.prefix = self.adapter.layer_list_name
+        self.source = _CheckpointIndex(source)
+        self.dtype = dtype
+        base = pathlib.Path(offload_dir) if offload_dir else None
+        if base is not None:
+            try:
+                base.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                raise UserInputError(f"cannot create offload directory '{base}' ({exc.strerror}); pass a writable --offload-dir") from None
+        try:
+            self.scratch = pathlib.Path(tempfile.mkdtemp(prefix="sparseforge-offload-", dir=base))
+        except OSError as exc:
+            raise UserInputError(f"cannot write to offload directory '{base}' ({exc.strerror}); pass a writable --offload-dir") from None
+        self._written: set[int] = set()
+        self.walking = False  # set by the calibration walk, the one caller allowed to run the model
+        # Scratch files are removed with the store (garbage collection or interpreter exit).
+        self._cleanup = weakref.finalize(self, shutil.rmtree, str(self.scratch), True)
+
+    def layer_keys(self, index: int) -> dict[str, str]:
+        """Parameter name inside layer `index` -> checkpoint key."""
+        layer = self.adapter.layers[index]
+        return {name: f"{self.prefix}.{index}.{name}" for name, _ in layer.named_parameters(remove_duplicate=False)}
+
+    def is_resident(self, index: int) -> bool:
+        return all(p.device != META for p in self.adapter.layers[index].parameters())
+
+    def layer_tensors(self, index: int) -> dict[str, torch.Tensor]:
+        """The current tensors of layer `index` by parameter name (from memory, the scratch file or the checkpoint)."""
+        layer = self.adapter.layers[index]
+        if self.is_resident(index):
+            return {n: p.data for n, p in layer.named_parameters(remove_duplicate=False)}
+        keys = self.layer_keys(index)
+        if index in self._written:
+            from safetensors.torch import load_file
+
+            return load_file(str(self._scratch_file(index)))
+        tensors = self.source.read(list(keys.values()))
+        return {name: tensors[key].to(self.dtype) if tensors[key].is_floating_point() else tensors[key] for name, key in keys.items()}
+
+    def materialize(self, index: int, device: torch.device | str = "cpu") -> None:
+        if self.is_resident(index):
+            return
+        layer = self.adapter.layers[index]
+        for name, tensor in self.layer_tensors(index).items():
+            _set_tensor(layer, name, tensor.to(device))
+
+    def release(self, index: int) -> None:
+        """Write layer `index` to its scratch file and free its memory."""
+        from safetensors.torch import save_file
+
+        layer = self.adapter.layers[index]
+        if not self.is_resident(index):
+            return
+        tensors = {n: p.data.detach().to("cpu").contiguous() for n, p in layer.named_parameters(remove_duplicate=False)}
+        tmp = self._scratch_file(index).with_suffix(".partial")
+        save_file(tensors, str(tmp))
+        tmp.replace(self._scratch_file(index))
+        self._written.add(index)
+        for name, tensor in tensors.items():
+            _set_tensor(layer, name, torch.empty(tensor.shape, dtype=tensor.dtype, device=META))
+
+    @contextlib.contextmanager
+    def borrowed(self, index: int):
+        """Layer `index` in memory for reading only; dropped again afterwards (nothing is written back)."""
+        was_resident = self.is_resident(index)
+        self.materialize(index)
+        try:
+            yield self.adapter.layers[index]
+        finally:
+            if not was_resident:
+                layer = self.adapter.layers[index]
+                for name, p in list(layer.named_parameters(remove_duplicate=False)):
+                    _set_tensor(layer, name, torch.empty(p.shape, dtype=p.dtype, device=META))
+
+    def close(self) -> None:
+        self._cleanup()
+
+    def _scratch_file(self, index: int) -> pathlib.Path:
+        return self.scratch / f"layer-{index:05d}.safetensors"
+
+
+def load_offloaded(path: str | pathlib.Path, offload_dir: str | None = None, dtype: torch.dtype | None = None):
+    """A causal LM from a local safetensors checkpoint with its decoder layers left on disk."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    source = pathlib.Path(path)
+    if not source.is_dir():
+        raise UserInputError(f"disk offload needs a local model directory, got '{path}'; download the model first")
+    config = AutoConfig.from_pretrained(source)
+    dtype = dtype or torch.float32
+    with _parameters_on_meta():
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    model.eval()
+    store = LayerStore(model, source, offload_dir, dtype)
+    layer_params = {id(p) for p in store.adapter.layers.parameters()}
+    rest = {n: p for n, p in model.named_parameters() if id(p) not in layer_params}
+    tied = bool(getattr(config, "tie_word_embeddings", False)) or bool(getattr(getattr(config, "get_text_config", lambda: config)(), "tie_word_embeddings", False))
+    output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    output_weight = getattr(output, "weight", None)
+    wanted = {n: p for n, p in rest.items() if not (tied and p is output_weight and n not in store.source.file_of)}
+    tensors = store.source.read(list(wanted))
+    for name, tensor in tensors.items():
+        _set_tensor(model, name, tensor.to(dtype) if tensor.is_floating_point() else tensor)
+    if tied:
+        model.tie_weights()
+    still_meta = [n for n, p in model.named_parameters() if p.device == META and id(p) not in layer_params]
+    if still_meta:
+        raise UserInputError(f"checkpoint '{source}' did not provide '{still_meta[0]}'; disk offload cannot load this model")
+    model.sparseforge_offload = store
+    model.register_forward_pre_hook(_refuse_forward(store))
+    return model
+
+
+def _refuse_forward(store: LayerStore):
+    def hook(module, args):
+        if not store.walking:
+            raise UserInputError("this model's decoder layers are offloaded to disk, so it cannot run; save it with "
+                                 "sparseforge.save and load the saved copy to evaluate or generate")
+    return hook
+
+
+def offload_store(model: nn.Module) -> LayerStore | None:
+    return getattr(model, "sparseforge_offload", None)

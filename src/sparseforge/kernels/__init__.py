@@ -1,0 +1,1 @@
+"""Compute kernels: pure-PyTorch references and fast paths, with speed gates that pick between them."""
