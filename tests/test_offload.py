@@ -67,9 +67,9 @@ def test_at_most_one_layer_in_memory_during_the_walk(tmp_path, tokenizer, monkey
     resident_counts = []
     real_fn = calibration_module._run_layer
 
-    def spy(layer, inputs, keep=True):
+    def spy(layer, inputs, *args, **kwargs):
         resident_counts.append(sum(store.is_resident(i) for i in range(4)))
-        return real_fn(layer, inputs, keep)
+        return real_fn(layer, inputs, *args, **kwargs)
 
     monkeypatch.setattr(calibration_module, "_run_layer", spy)
     api.compress(model, "wanda-50", tokenizer, progress=False)

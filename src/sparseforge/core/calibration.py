@@ -128,7 +128,7 @@ def _with_hidden(args: tuple, kwargs: dict, hidden: torch.Tensor) -> tuple[tuple
     return args, {**kwargs, "hidden_states": hidden}
 
 
-def _run_layer(layer: nn.Module, inputs, keep: bool = True) -> list[torch.Tensor]:
+def _run_layer(layer: nn.Module, inputs, keep: bool = True, after_each: Callable[[], None] | None = None) -> list[torch.Tensor]:
     """The layer's outputs for every captured input (keep=False: run it for its hooks only, keep nothing)."""
     outs = []
     with torch.inference_mode():
@@ -136,7 +136,44 @@ def _run_layer(layer: nn.Module, inputs, keep: bool = True) -> list[torch.Tensor
             out = layer(*args, **kwargs)
             if keep:
                 outs.append(out[0] if isinstance(out, (tuple, list)) else out)
+            if after_each is not None:
+                after_each()
     return outs
+
+
+class _StatsCollector:
+    """Input statistics of a layer's projections, accumulated once per distinct input tensor: projections that
+    read the same tensor (q/k/v, gate/up in most decoders) share one InputStats object, which saves their
+    repeated XᵀX work and memory. Which ones share is learned in the first batch by tensor identity (the
+    tensors are held until the batch ends, so an id cannot be reused by another tensor meanwhile)."""
+
+    def __init__(self, device, hessian: bool):
+        self.device, self.hessian = device, hessian
+        self.stats: dict[str, InputStats] = {}
+        self.aliases: set[str] = set()
+        self._first_batch = True
+        self._seen: dict[int, tuple[torch.Tensor, str]] = {}
+
+    def hook(self, name: str, in_features: int):
+        def observe(module, args, output):
+            x = args[0]
+            if self._first_batch:
+                hit = self._seen.get(id(x))
+                if hit is not None and hit[0] is x:
+                    self.stats[name] = self.stats[hit[1]]
+                    self.aliases.add(name)
+                    return
+                self._seen[id(x)] = (x, name)
+                self.stats[name] = InputStats(in_features, self.device, hessian=self.hessian)
+            elif name in self.aliases:
+                return
+            self.stats[name].add_batch(x)
+
+        return observe
+
+    def end_batch(self) -> None:
+        self._first_batch = False
+        self._seen.clear()
 
 
 LayerFn = Callable[[int, nn.Module, dict[str, Projection], dict[str, InputStats]], None]
@@ -195,22 +232,25 @@ def _walk(model, adapter, layer_fn, targets, ignore, batches, stats, config, pro
         dense_outputs = None
         if need_forward:
             handles = []
+            collector = _StatsCollector(device, hessian="hessian" in stats)
             for name, proj in projections.items():
                 if not proj.is_hookable():
                     raise UserInputError(
                         f"'{name}' is a fused expert weight whose inputs cannot be observed, so a calibrated method "
                         "cannot score it; add '*experts*' to the stage's ignore list or use magnitude for it"
                     )
-                st = InputStats(proj.in_features, device, hessian="hessian" in stats)
-                layer_stats[name] = st
-                handles.append(proj.module.register_forward_hook(lambda m, a, o, st=st: st.add_batch(a[0])))
+                handles.append(proj.module.register_forward_hook(collector.hook(name, proj.in_features)))
             try:
                 # With pruned propagation the dense outputs are not needed: not keeping them saves one copy
                 # of the calibration activations on the device.
-                dense_outputs = _run_layer(layer, inputs, keep=config.propagate == "dense")
+                dense_outputs = _run_layer(layer, inputs, keep=config.propagate == "dense", after_each=collector.end_batch)
             finally:
                 for h in handles:
                     h.remove()
+            # A projection the forward pass never called (an MoE expert no calibration token was routed to)
+            # gets empty statistics, as it would have had before sharing.
+            layer_stats = {n: collector.stats.get(n) or InputStats(p.in_features, device, hessian="hessian" in stats)
+                           for n, p in projections.items()}
         layer_fn(i, layer, projections, layer_stats)
         if need_forward and i + 1 < adapter.num_layers:
             outputs = dense_outputs if config.propagate == "dense" else _run_layer(layer, inputs)
