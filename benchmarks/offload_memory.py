@@ -2,7 +2,7 @@
 to disk (`sparseforge compress --offload-dir`), on a random Llama whose weights dominate memory.
 
 Each variant runs in its own fresh process (`sparseforge compress` through the CLI entry point) so that its
-peak resident set size (getrusage ru_maxrss) is its own; the outputs of the two must be bit-identical.
+peak resident set size (VmHWM) is its own; the outputs of the two must be bit-identical.
 
 Writes benchmarks/results/offload_memory.json and .md.
 Usage: python benchmarks/offload_memory.py [--layers 16] [--hidden 1024] [--intermediate 2816] [--threads 1]
@@ -20,13 +20,15 @@ import time
 
 OUT = pathlib.Path(__file__).resolve().parent / "results"
 
+# The child reads its peak from /proc/self/status (VmHWM), which belongs to its own address space: getrusage's
+# ru_maxrss would be wrong here, because Linux carries the forking parent's resident size across exec.
 CHILD = r"""
-import resource, sys, time, json
+import sys, time, json
 from sparseforge.cli import main
 start = time.perf_counter()
 rc = main(sys.argv[1:])
-print(json.dumps({"rc": rc, "seconds": time.perf_counter() - start,
-                  "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))
+hwm = next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmHWM:"))
+print(json.dumps({"rc": rc, "seconds": time.perf_counter() - start, "peak_rss_bytes": hwm * 1024}))
 """
 
 
@@ -88,7 +90,7 @@ def main() -> None:
           f"Machine: {env_info['cpu']} ({env_info['cpu_count']} cores), torch {env_info['torch']}, {args.threads} thread(s). "
           f"Model: random Llama, {args.layers} layers, hidden {args.hidden}, intermediate {args.intermediate}, "
           f"{params / 1e6:.0f} M parameters ({weights_bytes / 1e6:.0f} MB in float32, one layer {layer_params / args.layers * 4 / 1e6:.0f} MB). "
-          f"Each variant in a fresh process; peak RSS from getrusage. Outputs bit-identical: {identical}. "
+          f"Each variant in a fresh process; peak RSS is its VmHWM. Outputs bit-identical: {identical}. "
           f"Produced by `benchmarks/offload_memory.py`.\n\n" + "\n".join(lines) + "\n\n"
           "Peak RSS includes the Python interpreter, torch and transformers (a few hundred MB). Saving streams one "
           "layer at a time as well; the offloaded variant is slower by the time spent writing and re-reading the "

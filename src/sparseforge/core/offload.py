@@ -13,6 +13,7 @@ instead of the whole model: what lets a model larger than RAM be pruned on a sma
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import json
 import pathlib
 import shutil
@@ -45,6 +46,34 @@ def _parameters_on_meta():
         yield
     finally:
         nn.Module.register_parameter = original
+
+
+def serve_large_allocations_by_mmap(threshold: int = 4 << 20) -> None:
+    """Make glibc serve allocations of `threshold` bytes or more with mmap, so each is returned to the
+    operating system the moment it is freed (by default glibc raises this threshold as it sees large frees and
+    then keeps such blocks). Process-wide; set when a model is loaded with disk offload. No-op without glibc."""
+    try:
+        ctypes.CDLL("libc.so.6").mallopt(-3, threshold)  # -3: M_MMAP_THRESHOLD
+    except (OSError, AttributeError):
+        pass
+
+
+def return_freed_memory() -> None:
+    """Hand memory freed by dropped layers back to the operating system. glibc's allocator keeps freed
+    blocks of this size in its heap, so without this the process's resident memory grows by about the whole
+    model over one walk even though only one layer is alive at a time (measured in
+    benchmarks/offload_memory.py). A no-op where glibc's malloc_trim is not available."""
+    global _malloc_trim
+    if _malloc_trim is None:
+        try:
+            _malloc_trim = ctypes.CDLL("libc.so.6").malloc_trim
+        except (OSError, AttributeError):
+            _malloc_trim = False
+    if _malloc_trim:
+        _malloc_trim(0)
+
+
+_malloc_trim = None
 
 
 class _CheckpointIndex:
@@ -159,6 +188,8 @@ class LayerStore:
         self._written.add(index)
         for name, tensor in tensors.items():
             _set_tensor(layer, name, torch.empty(tensor.shape, dtype=tensor.dtype, device=META))
+        del tensors
+        return_freed_memory()
 
     @contextlib.contextmanager
     def borrowed(self, index: int):
@@ -172,6 +203,7 @@ class LayerStore:
                 layer = self.adapter.layers[index]
                 for name, p in list(layer.named_parameters(remove_duplicate=False)):
                     _set_tensor(layer, name, torch.empty(p.shape, dtype=p.dtype, device=META))
+                return_freed_memory()
 
     def close(self) -> None:
         self._cleanup()
@@ -189,6 +221,7 @@ def load_offloaded(path: str | pathlib.Path, offload_dir: str | None = None, dty
         raise UserInputError(f"disk offload needs a local model directory, got '{path}'; download the model first")
     config = AutoConfig.from_pretrained(source)
     dtype = dtype or torch.float32
+    serve_large_allocations_by_mmap()
     with _parameters_on_meta():
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     model.eval()

@@ -158,6 +158,8 @@ def _save_offloaded(model, directory: pathlib.Path) -> None:
     layers, shard i+2 holds layer i."""
     from safetensors.torch import save_file
 
+    from sparseforge.core.offload import return_freed_memory
+
     store = model.sparseforge_offload
     prefix = store.prefix + "."
     n_layers = store.adapter.num_layers
@@ -181,6 +183,7 @@ def _save_offloaded(model, directory: pathlib.Path) -> None:
         weight_map.update({k: shard(i + 2) for k in tensors})
         size += sum(t.numel() * t.element_size() for t in tensors.values())
         del tensors
+        return_freed_memory()
     write_json(directory / "model.safetensors.index.json", {"metadata": {"total_size": size}, "weight_map": weight_map})
     model.config.save_pretrained(directory)
     if getattr(model, "generation_config", None) is not None and model.can_generate():
