@@ -170,9 +170,10 @@ def _save_offloaded(model, directory: pathlib.Path) -> None:
     rest, seen = {}, set()
     for key, tensor in model.state_dict().items():
         # Tied weights (an LM head sharing the embedding) are stored once, as save_pretrained does.
-        if key.startswith(prefix) or tensor.data_ptr() in seen:
+        if key.startswith(prefix) or (tensor.numel() and tensor.data_ptr() in seen):
             continue
-        seen.add(tensor.data_ptr())
+        if tensor.numel():
+            seen.add(tensor.data_ptr())
         rest[key] = tensor.detach().to("cpu").contiguous()
     save_file(rest, str(directory / shard(1)), metadata={"format": "pt"})
     weight_map.update({k: shard(1) for k in rest})
