@@ -8,6 +8,7 @@ import time
 from typing import Iterable
 
 from sparseforge.core.adapter import ModelAdapter
+from sparseforge.core.offload import offload_store
 from sparseforge.errors import UserInputError
 from sparseforge.formats.artifact import load_model, load_tokenizer, save
 from sparseforge.methods import get_method
@@ -47,7 +48,7 @@ def compress(model=None, recipe: Recipe | str | None = None, tokenizer=None, dev
     if model is None or isinstance(model, (str, os.PathLike)):
         tokenizer = tokenizer or load_tokenizer(model)
         model = load_model(model)
-    elif not inplace and getattr(model, "sparseforge_offload", None) is None:
+    elif not inplace and offload_store(model) is None:
         # A disk-offloaded model is always compressed in place: its layers change in scratch files, never in
         # the checkpoint it was loaded from.
         model = copy.deepcopy(model)

@@ -91,7 +91,9 @@ def cmd_compress(args) -> int:
         metrics = {"sparsity": sparsity["sparsity"], "compress_seconds": report["compress_seconds"]}
         save(model, out, tokenizer, recipe=recipe, metrics=metrics, overwrite=args.overwrite, base_model=source, storage=args.storage)
     finally:
-        store = getattr(model, "sparseforge_offload", None)
+        from sparseforge.core.offload import offload_store
+
+        store = offload_store(model)
         if store is not None:
             store.close()  # scratch files go now, not at interpreter exit
     _say(args, f"wrote {out}  (sparsity {sparsity['sparsity']:.3f}, {report['compress_seconds']:.1f} s)")

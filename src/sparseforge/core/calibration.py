@@ -22,6 +22,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from sparseforge.core.adapter import ModelAdapter, Projection
+from sparseforge.core.offload import offload_store
 from sparseforge.errors import UserInputError
 
 
@@ -202,7 +203,7 @@ def run_layerwise(
     if need_forward and not batches:
         raise ValueError("this method needs calibration batches")
 
-    store = getattr(model, "sparseforge_offload", None)
+    store = offload_store(model)
     if store is not None:
         store.walking = True
     try:

@@ -13,6 +13,7 @@ from typing import Callable, Iterable, TypeVar
 import torch
 
 from sparseforge.core.adapter import ModelAdapter
+from sparseforge.core.offload import offload_store
 from sparseforge.errors import UserInputError
 from sparseforge.eval.perplexity import accepts_argument, eval_mode, max_positions, model_device
 
@@ -32,7 +33,7 @@ def weight_sparsity(model, targets: Iterable[str] = ("*",), ignore: Iterable[str
             f"no projection matches targets {list(targets)} minus ignore {list(ignore)}; "
             "check the globs against the model's projection names"
         )
-    store = getattr(model, "sparseforge_offload", None)  # disk-offloaded: read one layer at a time
+    store = offload_store(model)  # disk-offloaded: read one layer at a time
     zeros = 0
     total = 0
     per_layer = {}

@@ -118,7 +118,9 @@ def save(model, directory, tokenizer=None, recipe=None, stages=None, metrics=Non
 
     if storage not in STORAGES:
         raise UserInputError(f"storage '{storage}' is unknown; choose one of {', '.join(STORAGES)}")
-    offloaded = getattr(model, "sparseforge_offload", None) is not None
+    from sparseforge.core.offload import offload_store
+
+    offloaded = offload_store(model) is not None
     if offloaded and storage != "dense":
         raise UserInputError("a disk-offloaded model is saved layer by layer as a dense checkpoint; save with storage 'dense', "
                              "then load it and save again with storage 'compact'")

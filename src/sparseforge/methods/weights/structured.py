@@ -31,6 +31,7 @@ from torch import nn
 from sparseforge.core.adapter import ATTENTION_HINTS, Conv1D, ModelAdapter, Projection
 from sparseforge.core.calibration import CalibrationConfig, InputStats, calibration_batches, run_layerwise
 from sparseforge.core.masks import HeadPlan, channel_weight_mask, drop_lowest, head_mask, prune_count
+from sparseforge.core.offload import offload_store
 from sparseforge.errors import UserInputError
 from sparseforge.methods.base import Method, param, register
 from sparseforge.methods.weights.base import StageResult
@@ -434,7 +435,7 @@ class Structured(Method):
                 "a structured stage acts on every decoder layer alike (the config holds one MLP width and head count); "
                 "drop its 'targets' and 'ignore', and set mlp_sparsity or head_sparsity to 0 to leave a part alone"
             )
-        if getattr(model, "sparseforge_offload", None) is not None:
+        if offload_store(model) is not None:
             raise UserInputError("structured pruning reshapes every layer at once and cannot run on a disk-offloaded model; "
                                  "load the model without offload")
         calibration = calibration or CalibrationConfig()
