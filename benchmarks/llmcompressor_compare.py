@@ -1,21 +1,30 @@
 """sparseforge vs. llm-compressor (PyPI `llmcompressor`): SparseGPT and Wanda at 50% unstructured and 2:4 on the
 bundled model, both tools calibrated on the same token windows and evaluated by the same sparseforge code.
 
-Writes benchmarks/results/llmcompressor_compare.json and llmcompressor_compare.md.
+Writes benchmarks/results/llmcompressor_compare.json and llmcompressor_compare.md (calibration seed 0), or with
+`--seeds` other than "0" llmcompressor_seeds.json and .md.
 
 Usage (system python, where sparseforge is installed):
-    python benchmarks/llmcompressor_compare.py [--llmc-python PATH] [--quick]
+    python benchmarks/llmcompressor_compare.py [--llmc-python PATH] [--quick] [--seeds 0,1,2]
 `--llmc-python` is a python interpreter of a separate environment that has llmcompressor installed (default:
 $LLMC_PYTHON, else /work/venv-llmc/bin/python). llm-compressor pins its own torch / transformers versions, so it
 must not share an environment with sparseforge. `--quick` scores perplexity on the first 4096 held-out tokens
 only (smoke run) and writes llmcompressor_compare_quick.*. If that interpreter is missing, or llmcompressor
 fails to import or to run, the llm-compressor rows are kept with their perplexity empty and the reason given.
+`--seeds` (comma-separated, default "0") repeats steps 1-4 below once per calibration seed, to tell a systematic
+perplexity difference between the tools from one that depends on which windows were drawn; the dense model is
+scored once. Any list other than "0" writes llmcompressor_seeds.json / .md (…_quick with `--quick`) and leaves
+llmcompressor_compare.* alone: per setting and seed both tools' perplexity and the difference (sparseforge minus
+llm-compressor), and per setting the mean difference and on how many seeds each tool is lower or the two are tied
+(exactly equal perplexity).
 
 How it runs:
   1. Calibration: sparseforge's `calibration_batches` at the default `CalibrationConfig` (32 windows of 512
-     tokens at seeded random offsets in the bundled calibration text). The token ids are written to a JSON
-     file; llm-compressor receives them as an in-memory `datasets.Dataset` with `input_ids` (and an all-ones
-     `attention_mask`), `num_calibration_samples=32`, `max_seq_length=512`, no shuffling, batch size 1.
+     tokens at random offsets in the bundled calibration text, drawn from the seed; `seed` is the only field
+     `--seeds` changes). The token ids are written to a JSON file; llm-compressor receives them as an
+     in-memory `datasets.Dataset` with `input_ids` (and an all-ones `attention_mask`),
+     `num_calibration_samples=32`, `max_seq_length=512`, no shuffling, batch size 1. sparseforge's `compress`
+     draws its windows from the same config, so both tools see the same token ids for each seed.
   2. sparseforge: `sparseforge.compress` with a one-stage recipe per setting; "compress s" is the wall time
      of that call (it includes the deep copy of the model and tokenising the calibration text).
   3. llm-compressor: this same file, run by the other interpreter with `--worker SPEC`, loads a copy of the
@@ -245,38 +254,30 @@ def agreement(ours, theirs) -> dict:
     return {"zero_mask_mismatch": differ / total, "max_abs_weight_diff": max_diff}
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--llmc-python", default=DEFAULT_LLMC_PYTHON, help="python of the environment with llmcompressor")
-    ap.add_argument("--quick", action="store_true", help=f"perplexity on the first {QUICK_TOKENS} held-out tokens only")
-    ap.add_argument("--worker", help=argparse.SUPPRESS)
-    args = ap.parse_args()
-    if args.worker:
-        return worker(args.worker)
+def parse_seeds(text: str) -> list[int]:
+    try:
+        seeds = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"comma-separated integers expected, got {text!r}") from None
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise argparse.ArgumentTypeError(f"a non-empty list of distinct seeds expected, got {text!r}")
+    return seeds
 
-    import torch
 
+def evaluate(model, tokenizer, settings: dict) -> dict:
+    from sparseforge.eval.tasks import EvalContext, run_tasks
+
+    m = run_tasks(EvalContext(model, tokenizer, settings=settings), ["perplexity", "sparsity"])
+    return {"perplexity": m["perplexity"], "sparsity": m["sparsity"], "tokens_scored": m["perplexity_tokens_scored"]}
+
+
+def sparseforge_rows(dense, tokenizer, cal, settings: dict) -> tuple[list[dict], dict]:
+    """One row per GRID setting pruned by sparseforge, and the pruned models by (method, pattern)."""
     import sparseforge
-    from sparseforge.core.calibration import CalibrationConfig, calibration_batches
-    from sparseforge.eval.tasks import EvalContext, environment, run_tasks
-    from sparseforge.formats.artifact import resolve_model_path
     from sparseforge.methods import get_method
     from sparseforge.recipe import Recipe, Stage
 
-    tokenizer = sparseforge.load_tokenizer()
-    dense = sparseforge.load()
-    cal = CalibrationConfig()
-    batches = calibration_batches(tokenizer, cal)
-    settings = {"max_tokens": QUICK_TOKENS} if args.quick else {}
-    threads = torch.get_num_threads()
-
-    def evaluate(model) -> dict:
-        m = run_tasks(EvalContext(model, tokenizer, settings=settings), ["perplexity", "sparsity"])
-        return {"perplexity": m["perplexity"], "sparsity": m["sparsity"], "tokens_scored": m["perplexity_tokens_scored"]}
-
-    ours = {}
-    rows = [{"tool": "dense", "method": "-", "pattern": "-", **evaluate(dense), "compress_seconds": None}]
-    print(rows[-1], flush=True)
+    rows, ours = [], {}
     for method, pattern, sparsity in GRID:
         raw = {"pattern": pattern} | ({"sparsity": sparsity} if sparsity is not None else {})
         raw |= {"blocksize": BLOCKSIZE, "dampening": DAMPENING} if method == "sparsegpt" else {"compare": "row"}
@@ -285,11 +286,18 @@ def main() -> None:
         pruned, _ = sparseforge.compress(dense, recipe, tokenizer, progress=False)
         seconds = round(time.perf_counter() - start, 2)
         ours[(method, pattern)] = pruned
-        rows.append({"tool": "sparseforge", "method": method, "pattern": label(pattern, sparsity), **evaluate(pruned),
+        rows.append({"tool": "sparseforge", "method": method, "pattern": label(pattern, sparsity), **evaluate(pruned, tokenizer, settings),
                      "compress_seconds": seconds, "params_changed_outside_projections": changed_outside_projections(dense, pruned)})
         print(rows[-1], flush=True)
+    return rows, ours
 
-    llmc_env, llmc_reason = None, None
+
+def llmc_rows(llmc_python: str, dense, tokenizer, cal, batches, settings: dict, threads: int, ours: dict) -> tuple[list[dict], dict | None, str | None]:
+    """One row per GRID setting pruned by llm-compressor on `batches` (the token ids sparseforge calibrated on),
+    the worker's environment, and why llm-compressor is unavailable (None if it ran)."""
+    from sparseforge.formats.artifact import resolve_model_path
+
+    rows = []
     with tempfile.TemporaryDirectory(prefix="llmc-compare-") as tmp:
         tmp = pathlib.Path(tmp)
         (tmp / "calibration.json").write_text(json.dumps({"seq_len": cal.seq_len, "input_ids": [b[0].tolist() for b in batches]}))
@@ -298,12 +306,11 @@ def main() -> None:
         spec = {"calibration": str(tmp / "calibration.json"), "model_dir": str(model_copy), "out_root": str(tmp / "pruned"),
                 "result": str(tmp / "llmc_result.json"), "threads": threads, "blocksize": BLOCKSIZE, "dampening": DAMPENING,
                 "runs": [{"method": m, "pattern": p, "sparsity": s} for m, p, s in GRID]}
-        result, llmc_reason = run_llmc(args.llmc_python, spec, tmp)
+        result, llmc_reason = run_llmc(llmc_python, spec, tmp)
         if llmc_reason:
             print(f"llm-compressor unavailable: {llmc_reason}\n--- worker log (tail) ---", flush=True)
             log = tmp / "llmc_worker.log"
             print("\n".join(log.read_text().splitlines()[-30:]) if log.is_file() else "(none)", flush=True)
-        llmc_env = (result or {}).get("environment")
         by_setting = {(r["method"], r["pattern"]): r for r in (result or {}).get("runs", [])}
         for method, pattern, sparsity in GRID:
             run = by_setting.get((method, pattern), {})
@@ -312,7 +319,7 @@ def main() -> None:
             if run.get("model_dir"):
                 try:
                     pruned = load_llmc_weights(dense, run["model_dir"])
-                    row.update(evaluate(pruned))
+                    row.update(evaluate(pruned, tokenizer, settings))
                     row["params_changed_outside_projections"] = changed_outside_projections(dense, pruned)
                     row["vs_sparseforge"] = agreement(ours[(method, pattern)], pruned)
                 except Exception as exc:
@@ -322,11 +329,42 @@ def main() -> None:
                 row["unavailable_short"] = run.get("error") or "unavailable, see below"
             rows.append(row)
             print(rows[-1], flush=True)
+    return rows, (result or {}).get("environment"), llmc_reason
 
-    env = environment() | {"torch_threads": threads, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS"),
-                           "sparseforge": _versions("sparseforge")["sparseforge"]}
-    OUT.mkdir(exist_ok=True)
-    name = "llmcompressor_compare_quick" if args.quick else "llmcompressor_compare"
+
+def compare_seed(seed: int, dense, tokenizer, settings: dict, threads: int, llmc_python: str) -> dict:
+    """Both tools on every GRID setting, calibrated on the windows that `seed` picks."""
+    from sparseforge.core.calibration import CalibrationConfig, calibration_batches
+
+    cal = CalibrationConfig(seed=seed)
+    # sparseforge.compress draws its windows again from `cal`; the same function and seed give the same ids.
+    batches = calibration_batches(tokenizer, cal)
+    ours_rows, ours = sparseforge_rows(dense, tokenizer, cal, settings)
+    theirs_rows, llmc_env, llmc_reason = llmc_rows(llmc_python, dense, tokenizer, cal, batches, settings, threads, ours)
+    return {"cal": cal, "rows": ours_rows + theirs_rows, "llmc_env": llmc_env, "llmc_reason": llmc_reason}
+
+
+def machine_line(env: dict, threads: int, llmc_env: dict | None) -> str:
+    if llmc_env and llmc_env.get("llmcompressor"):
+        other = (f"llm-compressor side: llmcompressor {llmc_env.get('llmcompressor')}, compressed-tensors {llmc_env.get('compressed-tensors')}, "
+                 f"torch {llmc_env.get('torch')}, transformers {llmc_env.get('transformers')}, {llmc_env.get('torch_threads')} torch threads.")
+    else:
+        other = "llm-compressor side: not available."
+    return (f"Machine: {env['cpu']} ({env['cpu_count']} cores), {env['device']}, {env['platform']}. "
+            f"sparseforge side: torch {env['torch']}, transformers {env['transformers']}, {threads} torch threads. {other}")
+
+
+def setup_text(cal, seeds: str) -> str:
+    """The setup paragraph both reports share; `seeds` names the calibration seed(s), e.g. "seed 0"."""
+    return (f"Both tools calibrate on the same {cal.samples} windows of {cal.seq_len} tokens of the bundled calibration text "
+            f"(sparseforge's `calibration_batches`, {seeds}), prune the 28 decoder-layer projections with pruned-layer "
+            f"propagation, SparseGPT block size {BLOCKSIZE} and dampening {DAMPENING}; every row is evaluated by sparseforge: ")
+
+
+def write_compare(dense_row: dict, res: dict, env: dict, settings: dict, threads: int, quick: bool) -> None:
+    """The single-seed report: llmcompressor_compare.json and .md."""
+    rows, cal, llmc_env, llmc_reason = [dense_row] + res["rows"], res["cal"], res["llmc_env"], res["llmc_reason"]
+    name = "llmcompressor_compare_quick" if quick else "llmcompressor_compare"
     doc = {"environment": {"sparseforge": env, "llmcompressor": llmc_env}, "llmcompressor_unavailable": llmc_reason,
            "calibration": {k: v for k, v in vars(cal).items() if k != "device"}, "eval_settings": settings,
            "sparsegpt": {"blocksize": BLOCKSIZE, "dampening": DAMPENING}, "rows": rows}
@@ -342,19 +380,11 @@ def main() -> None:
         if r.get("vs_sparseforge"):
             v = r["vs_sparseforge"]
             comp.append(f"| {r['method']} | {r['pattern']} | {v['zero_mask_mismatch']:.5f} | {v['max_abs_weight_diff']:.2e} |")
-    if llmc_env and llmc_env.get("llmcompressor"):
-        other = (f"llm-compressor side: llmcompressor {llmc_env.get('llmcompressor')}, compressed-tensors {llmc_env.get('compressed-tensors')}, "
-                 f"torch {llmc_env.get('torch')}, transformers {llmc_env.get('transformers')}, {llmc_env.get('torch_threads')} torch threads.")
-    else:
-        other = "llm-compressor side: not available."
     md = (f"# sparseforge vs. llm-compressor on the bundled model\n\n"
-          f"Machine: {env['cpu']} ({env['cpu_count']} cores), {env['device']}, {env['platform']}. "
-          f"sparseforge side: torch {env['torch']}, transformers {env['transformers']}, {threads} torch threads. {other} "
-          f"Produced by `benchmarks/llmcompressor_compare.py{' --quick' if args.quick else ''}`.\n\n"
-          f"Both tools calibrate on the same {cal.samples} windows of {cal.seq_len} tokens of the bundled calibration text "
-          f"(sparseforge's `calibration_batches`, seed {cal.seed}), prune the 28 decoder-layer projections with pruned-layer "
-          f"propagation, SparseGPT block size {BLOCKSIZE} and dampening {DAMPENING}; every row is evaluated by sparseforge: "
-          f"perplexity on the held-out plays{' (first ' + str(QUICK_TOKENS) + ' tokens)' if args.quick else ''}, sparsity as the "
+          f"{machine_line(env, threads, llmc_env)} "
+          f"Produced by `benchmarks/llmcompressor_compare.py{' --quick' if quick else ''}`.\n\n"
+          + setup_text(cal, f"seed {cal.seed}") +
+          f"perplexity on the held-out plays{' (first ' + str(QUICK_TOKENS) + ' tokens)' if quick else ''}, sparsity as the "
           f"fraction of zeros in those projections. Compress s: sparseforge `compress` call vs. llm-compressor `oneshot` call "
           f"(wall time on a shared machine).\n\n" + "\n".join(lines)
           + ("\n\nllm-compressor unavailable: " + llmc_reason if llmc_reason else "")
@@ -363,6 +393,106 @@ def main() -> None:
           + "\n\nSettings that differ between the tools are listed in the script's docstring.\n")
     (OUT / f"{name}.md").write_text(md)
     print(md)
+
+
+def seed_table(results: dict[int, dict]) -> list[dict]:
+    """Per setting and seed: both tools' perplexity and sparseforge minus llm-compressor (None if either is missing)."""
+    table = []
+    for method, pattern, sparsity in GRID:
+        for seed, res in results.items():
+            ppl = {r["tool"]: r["perplexity"] for r in res["rows"] if (r["method"], r["pattern"]) == (method, label(pattern, sparsity))}
+            ours, theirs = ppl.get("sparseforge"), ppl.get("llm-compressor")
+            table.append({"method": method, "pattern": label(pattern, sparsity), "seed": seed, "sparseforge": ours,
+                          "llm-compressor": theirs, "difference": None if ours is None or theirs is None else ours - theirs})
+    return table
+
+
+def seed_summary(table: list[dict]) -> list[dict]:
+    """Per setting over the seeds where both tools have a perplexity: the mean difference and the sign counts.
+    A tie is exactly equal perplexity (the same float), as happens when both tools produce the same weights."""
+    summary = []
+    for method, pattern, sparsity in GRID:
+        diffs = [t["difference"] for t in table if (t["method"], t["pattern"]) == (method, label(pattern, sparsity)) and t["difference"] is not None]
+        summary.append({"method": method, "pattern": label(pattern, sparsity), "seeds": len(diffs),
+                        "mean_difference": sum(diffs) / len(diffs) if diffs else None,
+                        "sparseforge_lower": sum(d < 0 for d in diffs), "tied": sum(d == 0 for d in diffs),
+                        "llmcompressor_lower": sum(d > 0 for d in diffs)})
+    return summary
+
+
+def write_seeds(dense_row: dict, results: dict[int, dict], env: dict, settings: dict, threads: int, quick: bool, seconds: float) -> None:
+    """The multi-seed report: llmcompressor_seeds.json and .md (llmcompressor_compare.* stays the seed-0 record)."""
+    seeds = list(results)
+    cal = results[seeds[0]]["cal"]
+    llmc_env = next((r["llmc_env"] for r in results.values() if r["llmc_env"]), None)
+    reasons = {s: r["llmc_reason"] for s, r in results.items() if r["llmc_reason"]}
+    table = seed_table(results)
+    summary = seed_summary(table)
+    name = "llmcompressor_seeds_quick" if quick else "llmcompressor_seeds"
+    doc = {"environment": {"sparseforge": env, "llmcompressor": llmc_env}, "llmcompressor_unavailable": reasons or None,
+           "seeds": seeds, "calibration": {k: v for k, v in vars(cal).items() if k not in ("device", "seed")}, "eval_settings": settings,
+           "sparsegpt": {"blocksize": BLOCKSIZE, "dampening": DAMPENING}, "total_seconds": round(seconds, 1), "dense": dense_row,
+           "per_seed": table, "summary": summary, "rows": {str(s): r["rows"] for s, r in results.items()}}
+    (OUT / f"{name}.json").write_text(json.dumps(doc, indent=2, default=str) + "\n")
+
+    f = lambda v, fmt: "-" if v is None else fmt.format(v)
+    lines = ["| method | pattern | seed | sparseforge | llm-compressor | difference |", "|---|---|---|---|---|---|"]
+    for t in table:
+        lines.append(f"| {t['method']} | {t['pattern']} | {t['seed']} | {f(t['sparseforge'], '{:.3f}')} | {f(t['llm-compressor'], '{:.3f}')} | {f(t['difference'], '{:+.3f}')} |")
+    summ = ["| method | pattern | seeds | mean difference | sparseforge lower | tied | llm-compressor lower |", "|---|---|---|---|---|---|---|"]
+    for s in summary:
+        summ.append(f"| {s['method']} | {s['pattern']} | {s['seeds']} | {f(s['mean_difference'], '{:+.4f}')} | {s['sparseforge_lower']} | {s['tied']} | {s['llmcompressor_lower']} |")
+    seed_arg = ",".join(map(str, seeds))
+    md = (f"# sparseforge vs. llm-compressor on the bundled model, per calibration seed\n\n"
+          f"{machine_line(env, threads, llmc_env)} "
+          f"Produced by `benchmarks/llmcompressor_compare.py{' --quick' if quick else ''} --seeds {seed_arg}` "
+          f"({seconds / 60:.0f} min in all).\n\n"
+          + setup_text(cal, f"seeds {seed_arg}, one full comparison per seed") +
+          f"perplexity on the held-out plays{' (first ' + str(QUICK_TOKENS) + ' tokens)' if quick else ''}. "
+          f"Dense perplexity: {dense_row['perplexity']:.3f}. Difference: sparseforge minus llm-compressor (negative: "
+          f"sparseforge lower).\n\n" + "\n".join(lines)
+          + "\n\nPer setting, over the seeds where both tools have a perplexity: the mean difference and on how many seeds "
+            "each tool has the lower perplexity (tied: exactly the same perplexity).\n\n" + "\n".join(summ)
+          + "".join(f"\n\nllm-compressor unavailable for seed {s}: {r}" for s, r in reasons.items())
+          + "\n\nSparsity, compress times and the weight comparison per seed are in the JSON; settings that differ "
+            "between the tools are listed in the script's docstring.\n")
+    (OUT / f"{name}.md").write_text(md)
+    print(md)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--llmc-python", default=DEFAULT_LLMC_PYTHON, help="python of the environment with llmcompressor")
+    ap.add_argument("--quick", action="store_true", help=f"perplexity on the first {QUICK_TOKENS} held-out tokens only")
+    ap.add_argument("--seeds", type=parse_seeds, default=[0], help="comma-separated calibration seeds, one comparison each (default: 0)")
+    ap.add_argument("--worker", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.worker:
+        return worker(args.worker)
+
+    import torch
+
+    import sparseforge
+    from sparseforge.eval.tasks import environment
+
+    start = time.perf_counter()
+    tokenizer = sparseforge.load_tokenizer()
+    dense = sparseforge.load()
+    settings = {"max_tokens": QUICK_TOKENS} if args.quick else {}
+    threads = torch.get_num_threads()
+    # The dense model does not depend on the calibration seed: scored once.
+    dense_row = {"tool": "dense", "method": "-", "pattern": "-", **evaluate(dense, tokenizer, settings), "compress_seconds": None}
+    print(dense_row, flush=True)
+    results = {seed: compare_seed(seed, dense, tokenizer, settings, threads, args.llmc_python) for seed in args.seeds}
+
+    env = environment() | {"torch_threads": threads, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS"),
+                           "sparseforge": _versions("sparseforge")["sparseforge"]}
+    OUT.mkdir(exist_ok=True)
+    # Only the default run rewrites llmcompressor_compare.*, the seed-0 record; any other seed list goes to llmcompressor_seeds.*.
+    if args.seeds == [0]:
+        write_compare(dense_row, results[0], env, settings, threads, args.quick)
+    else:
+        write_seeds(dense_row, results, env, settings, threads, args.quick, time.perf_counter() - start)
 
 
 if __name__ == "__main__":

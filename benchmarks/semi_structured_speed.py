@@ -5,7 +5,7 @@ For each (shape, tokens): dense and 2:4 `F.linear` in float16 on random inputs (
 mask), medians over repeats after warm-up, both timed in the same process. The floor of each product is the
 larger of FLOPs / (measured dense matmul rate; doubled for 2:4, the tensor cores' sparse rate) and bytes /
 (measured device-to-device copy bandwidth), bytes being the weight (2:4: half the values plus 2-bit
-positions), the input and the output once each. The gate (kernels.semi_structured.SpeedGate) picks sparse only
+positions), the input and the output once each. The gate (kernels.base.SpeedGate) picks sparse only
 where it was measured faster by more than 5%; the "layer" rows add up the seven projections per choice.
 
 Writes benchmarks/results/semi_structured_speed.json and .md. Needs a CUDA GPU of compute capability >= 8.0.
@@ -21,7 +21,8 @@ import sys
 import torch
 
 from sparseforge.eval.tasks import environment
-from sparseforge.kernels.semi_structured import SpeedGate, _time, semi_structured_supported
+from sparseforge.kernels.base import SpeedGate, median_seconds
+from sparseforge.kernels.semi_structured import semi_structured_supported
 
 OUT = pathlib.Path(__file__).resolve().parent / "results"
 # Llama-2-7B projections (out_features, in_features), and how many of each shape a decoder layer has.
@@ -32,11 +33,11 @@ def ceilings(device) -> dict:
     """Measured device-to-device copy bandwidth (bytes read + written per second) and fp16 matmul rate."""
     src = torch.empty(2**28, dtype=torch.float16, device=device)  # 512 MiB
     dst = torch.empty_like(src)
-    copy_s = _time(lambda: dst.copy_(src), 20, 5)
+    copy_s = median_seconds(lambda: dst.copy_(src), 20, 5, device)
     n = 8192
     a = torch.randn(n, n, dtype=torch.float16, device=device)
     b = torch.randn(n, n, dtype=torch.float16, device=device)
-    mm_s = _time(lambda: a @ b, 20, 5)
+    mm_s = median_seconds(lambda: a @ b, 20, 5, device)
     return {"copy_bytes_per_s": 2 * src.numel() * 2 / copy_s, "matmul_flops_per_s": 2 * n**3 / mm_s}
 
 
@@ -59,14 +60,15 @@ def main() -> None:
     device = torch.device("cuda")
     token_counts = [int(t) for t in args.tokens.split(",")]
     ceil = ceilings(device)
-    gate = SpeedGate.measure([s for s, _ in SHAPES.values()], token_counts, device, torch.float16, args.repeats, args.warmup)
+    keys = [f"{o}x{i}" for (o, i), _ in SHAPES.values()]
+    gate = SpeedGate.measure("2:4", keys, token_counts, device, torch.float16, args.repeats, args.warmup)
     rows = []
     for label, ((out_f, in_f), count) in SHAPES.items():
         for tokens, t in gate.timings[f"{out_f}x{in_f}"].items():
             rows.append({
                 "shape": label, "out": out_f, "in": in_f, "per_layer": count, "tokens": tokens,
                 "dense_us": t["dense_s"] * 1e6, "sparse_us": t["sparse_s"] * 1e6, "speedup": t["dense_s"] / t["sparse_s"],
-                "choice": gate.choose(out_f, in_f, tokens),
+                "choice": gate.choose(f"{out_f}x{in_f}", tokens),
                 "dense_of_floor": floor_seconds(out_f, in_f, tokens, False, ceil) / t["dense_s"],
                 "sparse_of_floor": floor_seconds(out_f, in_f, tokens, True, ceil) / t["sparse_s"],
             })

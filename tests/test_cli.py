@@ -475,3 +475,32 @@ def test_compact_compress_then_export_to_plain_checkpoint(capsys, tmp_path, shar
         assert torch.equal(a(input_ids=ids).logits, b(input_ids=ids).logits)
     assert json.loads((plain / "sparseforge.json").read_text())["recipe"]["name"] == "magnitude-2of4"
     assert_user_error(capsys, ["export", "--model", str(compact), "--dense", str(plain)], "already exists")
+
+
+def test_eval_with_the_csr_kernel_routes_projections_and_keeps_perplexity(capsys, tmp_path, shared_tiny_dir):
+    art = tmp_path / "m50"
+    assert main(["--quiet", "compress", "--model", str(shared_tiny_dir), "--recipe", "magnitude-50", "--out", str(art)]) == 0
+    plain, routed = tmp_path / "plain.json", tmp_path / "csr.json"
+    assert main(["--quiet", "eval", "--model", str(art), "--tasks", "perplexity", "--max-tokens", "300", "--json", str(plain)]) == 0
+    assert main(["--quiet", "eval", "--model", str(art), "--tasks", "perplexity", "--max-tokens", "300", "--kernel", "csr", "--json", str(routed)]) == 0
+    a, b = read_json(plain)["metrics"], read_json(routed)["metrics"]
+    assert "kernel" not in a and b["kernel"] == "csr" and b["kernel_projections"] == 14
+    assert set(b["kernel_gate"]["timings"]) == {"64x64@0.50", "32x64@0.50", "128x64@0.50", "64x128@0.50"}
+    assert b["perplexity"] == pytest.approx(a["perplexity"], rel=1e-4)
+
+
+def test_kernel_that_cannot_run_here_fails_before_loading(capsys, tmp_path, shared_tiny_dir, monkeypatch):
+    import sparseforge.api
+    from sparseforge.kernels.semi_structured import semi_structured_supported
+
+    if semi_structured_supported():
+        pytest.skip("2:4 kernels can run on this machine's GPU")
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("loaded a model before checking --kernel")
+
+    monkeypatch.setattr(sparseforge.api, "load", no_loading)
+    assert_user_error(capsys, ["eval", "--model", shared_tiny_dir, "--kernel", "2:4"], "--kernel 2:4 cannot run on cpu", "CUDA")
+    out = tmp_path / "run"
+    assert_user_error(capsys, ["run", "--model", shared_tiny_dir, "--out", out, "--kernel", "2:4"], "--kernel 2:4 cannot run on cpu")
+    assert_nothing_written(out)

@@ -130,10 +130,13 @@ def cmd_eval(args) -> int:
     if args.json:
         _check_writable_file(args.json)
     settings = _settings(args)
+    _check_kernel(args)
     model, tokenizer = api.load(args.model, device=args.device), api.load_tokenizer(args.model)
     reference = api.load(args.reference, device=args.device) if args.reference else None
     model_dir = source if pathlib.Path(source).is_dir() else None
+    dispatched = _use_kernel(args, model)
     doc = api.evaluate(model, tokenizer, tasks, reference=reference, model_dir=model_dir, settings=settings, model_name=source)
+    doc["metrics"].update(dispatched)
     if args.json:
         _write_text(args.json, json.dumps(doc, indent=2) + "\n")
     _say(args, side_by_side({source: doc["metrics"]}))
@@ -155,6 +158,7 @@ def cmd_run(args) -> int:
     if out.is_dir() and any(out.iterdir()) and not (out / "results.json").is_file():
         raise UserInputError(f"'{out}' exists and is not the output of an earlier `sparseforge run`; choose another --out")
     settings = _settings(args, RUN_EVAL_SETTINGS)
+    _check_kernel(args)
     with atomic_directory(out, overwrite=True) as tmp:
         dense, tokenizer = api.load(args.model, device=args.device), api.load_tokenizer(args.model)
         _say(args, f"[1/4] evaluating dense model {source}")
@@ -164,14 +168,43 @@ def cmd_run(args) -> int:
         artifact = tmp / "model"
         save(compressed, artifact, tokenizer, recipe=recipe, base_model=source)
         _say(args, "[3/4] evaluating compressed model against the dense one")
+        dispatched = _use_kernel(args, compressed)  # after saving: the artifact holds plain weights either way
         comp_doc = api.evaluate(compressed, tokenizer, RUN_TASKS, reference=dense, model_dir=artifact, settings=settings, model_name=str(out / "model"))
-        comp_doc["metrics"]["compress_seconds"] = report["compress_seconds"]
+        comp_doc["metrics"].update(compress_seconds=report["compress_seconds"], **dispatched)
         table = side_by_side({"dense": dense_doc["metrics"], recipe.name: comp_doc["metrics"]})
         (tmp / "results.json").write_text(json.dumps([dense_doc, comp_doc], indent=2) + "\n")
         (tmp / "report.md").write_text(_report(source, recipe, table, report, dense_doc["environment"]))
         _say(args, "[4/4] writing artifact and report")
     _say(args, "\n" + table + f"\n\ncompressed in {report['compress_seconds']:.1f} s; artifact: {out / 'model'}; report: {out / 'report.md'}")
     return 0
+
+
+def _check_kernel(args) -> None:
+    """Fail before any model is loaded if the chosen kernel cannot run on the chosen device at all."""
+    if args.kernel == "dense":
+        return
+    import torch
+
+    from sparseforge.kernels.base import get_kernel
+
+    kernel, device = get_kernel(args.kernel), torch.device(args.device or "cpu")
+    if not any(kernel.supports(device, dtype) for dtype in (torch.float32, torch.float16, torch.bfloat16)):
+        raise UserInputError(f"--kernel {args.kernel} cannot run on {device}: it needs {kernel.summary}; pick another --kernel or --device")
+
+
+def _use_kernel(args, model) -> dict:
+    """Route the model's projections through a sparse kernel where a speed gate measured now says it pays."""
+    if args.kernel == "dense":
+        return {}
+    from sparseforge.core.dispatch import use_sparse_kernel
+
+    _say(args, f"measuring the '{args.kernel}' kernel against dense on this model's projection shapes")
+    r = use_sparse_kernel(model, args.kernel)
+    gate = r["gate"]
+    sparse = sum(gate.choose(k, t) == "sparse" for k, per in gate.timings.items() for t in per)
+    _say(args, f"'{args.kernel}' kernel: {len(r['replaced'])} projections routed; sparse chosen for {sparse} of "
+               f"{sum(len(per) for per in gate.timings.values())} measured (shape, token count) cases, dense for the rest")
+    return {"kernel": args.kernel, "kernel_projections": len(r["replaced"]), "kernel_gate": gate.to_dict()}
 
 
 def _report(source, recipe, table, report, env) -> str:
@@ -237,6 +270,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-tokens", type=int, default=None, help="evaluate perplexity on at most this many held-out tokens")
     p.add_argument("--retrieval-per-cell", type=int, default=None,
                    help="passkey/multi-key episodes per (length, depth) cell (default: %(prog)s's own, see docs/metrics.md)")
+    p.add_argument("--kernel", default="dense", choices=("dense", "csr", "2:4"),
+                   help="run the compressed model's projections through this sparse kernel wherever a speed gate, measured at "
+                        "start-up on this machine, finds it faster than dense (csr: CPU, float32; 2:4: CUDA, 16-bit)")
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("compress", help="apply a recipe and write an artifact directory")
@@ -264,6 +300,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-tokens", type=int, default=None, help="evaluate perplexity on at most this many held-out tokens")
     p.add_argument("--retrieval-per-cell", type=int, default=None,
                    help="passkey/multi-key episodes per (length, depth) cell (default: %(prog)s's own, see docs/metrics.md)")
+    p.add_argument("--kernel", default="dense", choices=("dense", "csr", "2:4"),
+                   help="run the model's projections through this sparse kernel wherever a speed gate, measured at "
+                        "start-up on this machine, finds it faster than dense (csr: CPU, float32; 2:4: CUDA, 16-bit)")
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("methods", help="list registered methods with their parameters, and the presets")

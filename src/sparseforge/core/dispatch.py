@@ -1,27 +1,62 @@
-"""Kernel dispatch: swap a compressed model's layers for modules that use faster kernels where measured to pay."""
+"""Kernel dispatch: swap a compressed model's linear projections for `SparseLinear` modules that multiply
+through a sparse kernel where a measured speed gate says it pays, and swap them back."""
 from __future__ import annotations
+
+from typing import Iterable
 
 from torch import nn
 
 from sparseforge.core.adapter import ModelAdapter
+from sparseforge.core.offload import offload_store
 from sparseforge.errors import UserInputError
-from sparseforge.kernels.semi_structured import SemiStructuredLinear, SpeedGate, is_2of4
+from sparseforge.kernels.base import SparseLinear, SpeedGate, get_kernel
+
+DEFAULT_TOKEN_COUNTS = (1, 16, 128, 512)
 
 
-def use_semi_structured(model: nn.Module, gate: SpeedGate, targets=("*",), ignore=()) -> dict[str, list[str]]:
-    """Replace every selected nn.Linear projection whose weight is 2:4 by a `SemiStructuredLinear` that asks
-    `gate` per call. Returns {"replaced": [...], "skipped": [...]} (skipped: not 2:4, or not an nn.Linear).
-    Parameters are shared, not copied, so outputs on CPU (dense fallback) are unchanged bit for bit."""
+def use_sparse_kernel(model: nn.Module, kernel: str, gate: SpeedGate | None = None, targets: Iterable[str] = ("*",),
+                      ignore: Iterable[str] = (), token_counts: Iterable[int] = DEFAULT_TOKEN_COUNTS,
+                      repeats: int = 10, warmup: int = 3) -> dict:
+    """Replace every selected nn.Linear projection whose weight the kernel accepts by a `SparseLinear`.
+
+    Without `gate`, one is measured now on the model's device and dtype, for the distinct kernel keys (shape,
+    and for CSR the sparsity) of the selected weights at `token_counts`. Returns {"replaced": [...],
+    "skipped": [...] (not an nn.Linear, or a weight the kernel cannot store), "gate": the gate}. Parameters
+    are shared, not copied; where the gate picks dense the outputs are bit-identical to before."""
+    spec = get_kernel(kernel)
+    if offload_store(model) is not None:
+        raise UserInputError("sparse kernels need the model in memory; load it without offload=... to run it")
     adapter = ModelAdapter(model)
     selected = adapter.select(targets, ignore)
     if not selected:
         raise UserInputError(f"targets {list(targets)} minus ignore {list(ignore)} match no projection")
-    replaced, skipped = [], []
+    chosen, skipped = {}, []
     for name, proj in selected.items():
-        if proj.kind != "linear" or type(proj.module) is not nn.Linear or not is_2of4(proj.module.weight.data):
+        if proj.kind != "linear" or type(proj.module) is not nn.Linear or not spec.accepts(proj.module.weight.data):
             skipped.append(name)
-            continue
+        else:
+            chosen[name] = proj.module
+    if gate is None:
+        first = next(iter(chosen.values()), None)
+        keys = sorted({spec.key(m.weight.data) for m in chosen.values()})
+        device, dtype = (first.weight.device, first.weight.dtype) if first is not None else ("cpu", None)
+        gate = SpeedGate.measure(spec, keys, token_counts, device, dtype, repeats, warmup) if keys else SpeedGate(kernel=spec.name)
+    elif gate.kernel and gate.kernel != spec.name:
+        raise UserInputError(f"the speed gate was measured for the '{gate.kernel}' kernel, not '{spec.name}'; measure one for '{spec.name}'")
+    for name, module in chosen.items():
         parent_name, _, leaf = name.rpartition(".")
-        setattr(model.get_submodule(parent_name), leaf, SemiStructuredLinear(proj.module, gate))
-        replaced.append(name)
-    return {"replaced": replaced, "skipped": skipped}
+        setattr(model.get_submodule(parent_name), leaf, SparseLinear(module, spec, gate))
+    return {"replaced": list(chosen), "skipped": skipped, "gate": gate}
+
+
+def restore_dense(model: nn.Module) -> int:
+    """Swap every `SparseLinear` back to a plain nn.Linear sharing its parameters; returns how many."""
+    swapped = 0
+    for name, module in list(model.named_modules()):
+        if isinstance(module, SparseLinear):
+            linear = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None, device="meta")
+            linear.weight, linear.bias = module.weight, module.bias
+            parent_name, _, leaf = name.rpartition(".")
+            setattr(model.get_submodule(parent_name), leaf, linear)
+            swapped += 1
+    return swapped
