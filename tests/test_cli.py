@@ -504,3 +504,15 @@ def test_kernel_that_cannot_run_here_fails_before_loading(capsys, tmp_path, shar
     out = tmp_path / "run"
     assert_user_error(capsys, ["run", "--model", shared_tiny_dir, "--out", out, "--kernel", "2:4"], "--kernel 2:4 cannot run on cpu")
     assert_nothing_written(out)
+
+
+def test_run_with_the_csr_kernel_routes_only_the_compressed_model(capsys, tmp_path, shared_tiny_dir):
+    out = tmp_path / "K"
+    assert main(["--quiet", "run", "--model", str(shared_tiny_dir), "--recipe", "magnitude-50", "--out", str(out),
+                 "--max-tokens", "100", "--kernel", "csr"]) == 0
+    dense, comp = read_json(out / "results.json")
+    assert "kernel" not in dense["metrics"]
+    assert comp["metrics"]["kernel"] == "csr" and comp["metrics"]["kernel_projections"] == 14
+    assert "through the 'csr' kernel" in (out / "report.md").read_text()
+    saved = sparseforge.load(out / "model")  # the artifact holds plain nn.Linear weights
+    assert all(type(m) is torch.nn.Linear for n, m in saved.named_modules() if n.endswith("_proj"))

@@ -173,7 +173,7 @@ def cmd_run(args) -> int:
         comp_doc["metrics"].update(compress_seconds=report["compress_seconds"], **dispatched)
         table = side_by_side({"dense": dense_doc["metrics"], recipe.name: comp_doc["metrics"]})
         (tmp / "results.json").write_text(json.dumps([dense_doc, comp_doc], indent=2) + "\n")
-        (tmp / "report.md").write_text(_report(source, recipe, table, report, dense_doc["environment"]))
+        (tmp / "report.md").write_text(_report(source, recipe, table, report, dense_doc["environment"], dispatched))
         _say(args, "[4/4] writing artifact and report")
     _say(args, "\n" + table + f"\n\ncompressed in {report['compress_seconds']:.1f} s; artifact: {out / 'model'}; report: {out / 'report.md'}")
     return 0
@@ -207,12 +207,15 @@ def _use_kernel(args, model) -> dict:
     return {"kernel": args.kernel, "kernel_projections": len(r["replaced"]), "kernel_gate": gate.to_dict()}
 
 
-def _report(source, recipe, table, report, env) -> str:
+def _report(source, recipe, table, report, env, dispatched=None) -> str:
     stages = "\n".join(f"- {s['method']}: pattern {s['pattern']}, {len(s['projections'])} projections, {s['seconds']:.2f} s" for s in report["stages"])
+    kernel = (f" The compressed model ran its {dispatched['kernel_projections']} projections through the '{dispatched['kernel']}' "
+              "kernel wherever the speed gate measured at start-up found it faster (gate timings in results.json); the dense "
+              "model used the dense kernels." if dispatched else "")
     return (
         f"# sparseforge run: {recipe.name}\n\nModel: `{source}`\n\nMachine: {env.get('cpu')} ({env.get('cpu_count')} cores), "
         f"device {env.get('device')}, torch {env.get('torch')}, transformers {env.get('transformers')}\n\n"
-        f"## Dense vs. compressed\n\n{table}\n\nRatio: compressed / dense.\n\n## Stages\n\n{stages}\n\n"
+        f"## Dense vs. compressed\n\n{table}\n\nRatio: compressed / dense.{kernel}\n\n## Stages\n\n{stages}\n\n"
         f"## Recipe\n\n```yaml\n{recipe.to_yaml()}```\n"
     )
 
