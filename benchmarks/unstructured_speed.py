@@ -19,7 +19,9 @@ machine load hits both alike; every time is a median over repeats after warm-up.
    steps, 15 rounds: its products take microseconds, so timing noise is larger).
 
 Writes benchmarks/results/unstructured_speed.json and .md (--quick: *_quick, a smoke test, not for reporting).
-Usage: python benchmarks/unstructured_speed.py [--threads 1] [--repeats 7] [--warmup 2] [--quick]
+With --ablation it instead times the two design choices of kernels/sparse_csr.py against their alternatives
+on a 4096x11008 weight (int32 vs. int64 indices; 32-token chunks vs. one call) and writes unstructured_ablation.*.
+Usage: python benchmarks/unstructured_speed.py [--threads 1] [--repeats 7] [--warmup 2] [--quick | --ablation]
 """
 from __future__ import annotations
 
@@ -171,20 +173,44 @@ def bundled_model(sparsities, rounds, quick, max_tokens) -> list[dict]:
         ppl = perplexity(pruned, tokenizer, read_text("heldout"), max_tokens=max_tokens)["perplexity"]
         report = use_sparse_kernel(pruned, "csr", token_counts=(1, 16, 128, 512), repeats=5 if quick else 15, warmup=2)
         rows.append({"case": "bundled model (SparseGPT)", "sparsity": s, "perplexity": ppl, "replaced": len(report["replaced"]),
-                     "gate_sparse_choices": sum(g == "sparse" for g in _choices(report["gate"])),
-                     "gate_entries": len(_choices(report["gate"])),
+                     "gate_sparse_choices": list(report["gate"].choices().values()).count("sparse"),
+                     "gate_entries": len(report["gate"].choices()),
                      **speed_pair(pruned, report["gate"], 3 * rounds, 128, 16 if quick else 64)})
         print(rows[-1], flush=True)
     return rows
 
 
-def _choices(gate: SpeedGate) -> list[str]:
-    return [gate.choose(k, t) for k, per in gate.timings.items() for t in per]
-
-
 def _proj_line(r: dict, choice: str) -> str:
     return (f"| {r['shape']} {r['out']}x{r['in']} | {r['sparsity']:.0%} | {r['tokens']} | {r['dense_ms']:.2f} | {r['csr_ms']:.2f} | "
             f"{r['speedup']:.2f}x | {r.get('choice', choice)} | {r['dense_of_floor']:.0%} | {r['csr_of_floor']:.0%} |")
+
+
+def ablation(repeats: int, warmup: int) -> dict:
+    """The shipped CSR product vs. int64 indices (torch's default) and vs. one call for all tokens."""
+    out_f, in_f = SHAPES["down"][0]
+    rows = []
+    for s in (0.5, 0.9):
+        w = random_sparse_weight(out_f, in_f, s, torch.Generator().manual_seed(0))
+        csr32, csr64 = CSR.compress(w), w.to_sparse_csr()
+        for tokens in (1, 128, 512):
+            x = torch.randn(tokens, in_f, generator=torch.Generator().manual_seed(1))
+            t = interleaved({"shipped": lambda: CSR.matmul(x, csr32),
+                             "int64 indices": lambda: CSR.matmul(x, csr64),
+                             "one call": lambda: torch.sparse.mm(csr32, x.t().contiguous()).t()}, repeats, warmup)
+            rows.append({"sparsity": s, "tokens": tokens, **{k: v * 1e3 for k, v in t.items()}})
+            print(rows[-1], flush=True)
+    return {"shape": f"{out_f}x{in_f}", "rows": rows}
+
+
+def ablation_markdown(doc: dict) -> str:
+    env = doc["environment"]
+    lines = ["| sparsity | tokens | shipped ms (int32, 32-token chunks) | int64 indices ms | one call ms |", "|---|---|---|---|---|"]
+    lines += [f"| {r['sparsity']:.0%} | {r['tokens']} | {r['shipped']:.2f} | {r['int64 indices']:.2f} | {r['one call']:.2f} |" for r in doc["rows"]]
+    return (f"# CSR kernel design checks ({doc['shape']} weight, random positions)\n\nMachine: {env['cpu']} ({env['cpu_count']} cores), "
+            f"torch {env['torch']} (MKL {env['mkl']}), {env['torch_threads']} thread(s), float32. Produced by "
+            f"`benchmarks/unstructured_speed.py --ablation`; medians of {doc['repeats']} after {doc['warmup']} warm-up calls, the "
+            "three variants alternating. int64 indices: the same product on torch's default CSR index type (chunked too); "
+            "one call: int32 indices, all tokens in one `torch.sparse.mm`.\n\n" + "\n".join(lines) + "\n")
 
 
 def main() -> None:
@@ -193,10 +219,20 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=None, help="timed calls per product (default 7; --quick 2)")
     ap.add_argument("--warmup", type=int, default=None, help="untimed calls first (default 2; --quick 1)")
     ap.add_argument("--quick", action="store_true", help="smoke test: fewer settings and repeats, separate output files")
+    ap.add_argument("--ablation", action="store_true", help="time the CSR kernel's design choices instead (unstructured_ablation.*)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     repeats = args.repeats or (2 if args.quick else 7)
     warmup = args.warmup if args.warmup is not None else (1 if args.quick else 2)
+    if args.ablation:
+        env = environment()
+        env["torch_threads"], env["mkl"] = torch.get_num_threads(), torch.backends.mkl.is_available()
+        doc = {"benchmark": "unstructured_ablation", "repeats": repeats, "warmup": warmup, "environment": env, **ablation(repeats, warmup)}
+        OUT.mkdir(exist_ok=True)
+        (OUT / "unstructured_ablation.json").write_text(json.dumps(doc, indent=2) + "\n")
+        (OUT / "unstructured_ablation.md").write_text(ablation_markdown(doc))
+        print(ablation_markdown(doc))
+        return
     sparsities, token_counts = ((0.5, 0.9), (1, 16)) if args.quick else (SPARSITIES, TOKENS)
     rounds = 2 if args.quick else 5
     max_tokens = 4096 if args.quick else None

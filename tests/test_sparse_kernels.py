@@ -39,6 +39,8 @@ def test_gate_decisions_bucket_token_counts_and_respect_the_margin():
     assert gate.choose("4096x4096", 100000) == "sparse"  # above every measured count: the largest
     assert gate.choose("64x64", 4096) == "dense"
     assert gate.choose("11008x4096", 4096) == "dense"  # never measured
+    assert gate.choices() == {("4096x4096", 1): "dense", ("4096x4096", 128): "dense", ("4096x4096", 2048): "sparse",
+                              ("64x64", 2048): "dense"}
     again = SpeedGate.from_dict(json.loads(json.dumps(gate.to_dict())))
     assert again == gate
     with pytest.raises(UserInputError, match="malformed"):

@@ -201,9 +201,9 @@ def _use_kernel(args, model) -> dict:
     _say(args, f"measuring the '{args.kernel}' kernel against dense on this model's projection shapes")
     r = use_sparse_kernel(model, args.kernel)
     gate = r["gate"]
-    sparse = sum(gate.choose(k, t) == "sparse" for k, per in gate.timings.items() for t in per)
-    _say(args, f"'{args.kernel}' kernel: {len(r['replaced'])} projections routed; sparse chosen for {sparse} of "
-               f"{sum(len(per) for per in gate.timings.values())} measured (shape, token count) cases, dense for the rest")
+    choices = list(gate.choices().values())
+    _say(args, f"'{args.kernel}' kernel: {len(r['replaced'])} projections routed; sparse chosen for {choices.count('sparse')} of "
+               f"{len(choices)} measured (shape, token count) cases, dense for the rest")
     return {"kernel": args.kernel, "kernel_projections": len(r["replaced"]), "kernel_gate": gate.to_dict()}
 
 

@@ -37,10 +37,11 @@ def use_sparse_kernel(model: nn.Module, kernel: str, gate: SpeedGate | None = No
         else:
             chosen[name] = proj.module
     if gate is None:
-        first = next(iter(chosen.values()), None)
         keys = sorted({spec.key(m.weight.data) for m in chosen.values()})
-        device, dtype = (first.weight.device, first.weight.dtype) if first is not None else ("cpu", None)
-        gate = SpeedGate.measure(spec, keys, token_counts, device, dtype, repeats, warmup) if keys else SpeedGate(kernel=spec.name)
+        gate = SpeedGate(kernel=spec.name)
+        if keys:
+            w = next(iter(chosen.values())).weight
+            gate = SpeedGate.measure(spec, keys, token_counts, w.device, w.dtype, repeats, warmup)
     elif gate.kernel and gate.kernel != spec.name:
         raise UserInputError(f"the speed gate was measured for the '{gate.kernel}' kernel, not '{spec.name}'; measure one for '{spec.name}'")
     for name, module in chosen.items():

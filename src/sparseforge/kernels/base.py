@@ -119,6 +119,10 @@ class SpeedGate:
         t = per_tokens[_bucket(tokens, sorted(per_tokens))]
         return "sparse" if t["sparse_s"] < (1 - self.margin) * t["dense_s"] else "dense"
 
+    def choices(self) -> dict[tuple[str, int], str]:
+        """The decision for every measured (key, tokens): "sparse" or "dense"."""
+        return {(key, tokens): self.choose(key, tokens) for key, per in self.timings.items() for tokens in per}
+
     def to_dict(self) -> dict:
         return {"kernel": self.kernel, "margin": self.margin,
                 "timings": {s: {str(k): v for k, v in d.items()} for s, d in self.timings.items()}}
@@ -215,7 +219,7 @@ class SparseLinear(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         tokens = x.numel() // self.in_features
-        if torch.is_grad_enabled() and self.weight.requires_grad or not self.uses_sparse(tokens):
+        if (torch.is_grad_enabled() and self.weight.requires_grad) or not self.uses_sparse(tokens):
             return F.linear(x, self.weight, self.bias)  # training needs the dense weight's gradient
         y = self.kernel.matmul(x.reshape(tokens, self.in_features), self.compressed_weight())
         if self.bias is not None:

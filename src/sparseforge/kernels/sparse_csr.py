@@ -1,12 +1,14 @@
 """Unstructured sparse products on CPU through PyTorch's CSR tensors (MKL's sparse BLAS in the official CPU
 builds), registered as the "csr" kernel.
 
-CSR keeps each nonzero's value and column (int32 here: int64 columns took up to 3.8x longer at 50%
-sparsity on the machine we measured) plus one offset per row, so it reads about 8 bytes per kept weight where
-the dense product reads 4 per weight: it can only pay once well under half the weights remain, and the product
-loses the dense kernel's vectorised inner loop, so the break-even sparsity depends on the shape and the token
-count. `benchmarks/unstructured_speed.py` measures where it lies; `SparseLinear` asks a gate measured the same
-way and falls back to the dense product elsewhere. Float32 and float64 only: PyTorch's CPU CSR product has no
+CSR keeps each nonzero's value and column plus one offset per row, so it reads about 8 bytes per kept weight
+where the dense product reads 4 per weight: for one token, where both products are bound by memory, it can
+only pay once well under half the weights remain. It also loses the dense kernel's vectorised inner loop,
+while the dense kernel itself is weak at a few tokens, so the break-even sparsity depends on the shape and
+the token count. `benchmarks/unstructured_speed.py` measures where it lies; `SparseLinear` asks a gate
+measured the same way and falls back to the dense product elsewhere. Indices are int32: with torch's default
+int64 a 4096x11008 product at 50% sparsity took 3.2x longer for one token
+(`benchmarks/results/unstructured_ablation.md`). Float32 and float64 only: PyTorch's CPU CSR product has no
 float16 or bfloat16 implementation.
 """
 from __future__ import annotations
@@ -71,8 +73,8 @@ class CSR(SparseKernel):
 
     def matmul(self, x, compressed):
         # (W xᵀ)ᵀ: the CSR product takes the sparse operand on the left. Each nonzero W[r, c] reads row c of xᵀ,
-        # in random order, so xᵀ must stay in cache: TOKEN_CHUNK tokens at a time. In one call, 512 tokens of a
-        # 4096x11008 weight ran several times slower than in 32-token chunks on the 2-core EPYC we develop on.
+        # in random order, so xᵀ must stay in cache: TOKEN_CHUNK tokens at a time (one call for 512 tokens took 3.3x
+        # longer at 50% sparsity and 1.8x at 90% on a 4096x11008 weight, benchmarks/results/unstructured_ablation.md).
         if x.shape[0] <= TOKEN_CHUNK:
             return torch.sparse.mm(compressed, x.t().contiguous()).t()
         return torch.cat([torch.sparse.mm(compressed, part.t().contiguous()) for part in x.split(TOKEN_CHUNK)], dim=1).t()
