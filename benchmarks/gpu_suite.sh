@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# Everything issue 3 still needs from an NVIDIA GPU (compute capability >= 8.0), in one call, so a session that
+# has one spends its device time measuring rather than typing. Run from the repository root on the GPU machine:
+#   bash benchmarks/gpu_suite.sh            # results land in benchmarks/results/ (copied to $OUT/results if set)
+# What it does, in order: install (keeps the machine's CUDA torch), the GPU tests, 2:4 vs. dense products with
+# the speed gate's choices (Llama-2-7B shapes, 1-8192 tokens), one 7B-shaped layer pruned on the GPU, and
+# structured-pruning prefill speed on the GPU (into benchmarks/results/gpu/).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+python -c "import torch; assert torch.cuda.is_available(), 'no CUDA GPU visible'; print(torch.__version__, torch.cuda.get_device_name())"
+pip install --quiet -e '.[test]'
+tests_ok=0
+python -m pytest -q tests/test_sparse_kernels.py || tests_ok=1  # measure anyway; the exit status reports it
+python benchmarks/semi_structured_speed.py
+python benchmarks/prune_7b_layer.py --device cuda
+python benchmarks/structured_speed.py --devices cuda --out-dir benchmarks/results/gpu  # keeps the CPU table of this repo
+if [ -n "${OUT:-}" ]; then mkdir -p "$OUT" && cp -r benchmarks/results "$OUT/"; fi
+exit $tests_ok
