@@ -26,12 +26,16 @@ class NoParams:
 
 
 class Method:
-    """Base of every method family. Subclasses set `name`, `family`, `summary` and `Params`."""
+    """Base of every method family. Subclasses set `name`, `family`, `summary` and `Params`.
+
+    `lifetime` says when a method acts: a "transform" changes weights or structure once inside `compress`
+    (`apply`), a "runtime" method (`RuntimeMethod`) calibrates once and then acts every time the model runs."""
 
     name: ClassVar[str]
     family: ClassVar[str]
     summary: ClassVar[str] = ""
     Params: ClassVar[type] = NoParams
+    lifetime: ClassVar[str] = "transform"
 
     def __init__(self, params=None):
         self.params = params if params is not None else self.Params()
@@ -67,6 +71,34 @@ class Method:
             default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
             rows.append({"name": f.name, "type": _type_name(hints[f.name]).replace("NoneType", "null"), "default": default, "help": f.metadata.get("help", "")})
         return rows
+
+
+@dataclasses.dataclass
+class RuntimeState:
+    """What a runtime method calibrated: tensors (saved as safetensors) and plain JSON (thresholds, head
+    patterns, speed-gate timings). Never pickled."""
+
+    tensors: dict[str, Any] = dataclasses.field(default_factory=dict)
+    data: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+
+class RuntimeMethod(Method):
+    """A method that acts while the model runs (KV presses, activation thresholds, sparse attention, sparse
+    kernels). `calibrate` runs once at compress time; `attach` hooks the model up from the state (also after
+    `sparseforge.load`), `detach` undoes it so the model's outputs are bit-identical to before `attach`."""
+
+    lifetime: ClassVar[str] = "runtime"
+
+    def calibrate(self, model, context) -> RuntimeState:
+        """Measure what the method needs on `model` (the model the transforms before it produced). `context`
+        carries the tokenizer, calibration settings and progress flag. Default: nothing to calibrate."""
+        return RuntimeState()
+
+    def attach(self, model, state: RuntimeState) -> None:
+        raise NotImplementedError
+
+    def detach(self, model) -> None:
+        raise NotImplementedError
 
 
 def register(cls: type[Method]) -> type[Method]:
