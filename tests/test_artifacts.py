@@ -26,7 +26,7 @@ def snapshot(directory: pathlib.Path) -> dict[str, bytes]:
 
 
 def strays(path: pathlib.Path) -> list[str]:
-    patterns = (f".{path.name}.tmp-*", f".{path.name}.old-*", ".sparseforge-probe-*")
+    patterns = (f".{path.name}.sparseforge-*", ".probe.sparseforge-*")
     return sorted(str(p) for pattern in patterns for p in path.parent.glob(pattern))
 
 

@@ -8,6 +8,7 @@ import time
 from typing import Iterable
 
 from sparseforge.core.adapter import ModelAdapter
+from sparseforge.core.calibration import check_calibration_memory
 from sparseforge.core.offload import offload_store
 from sparseforge.errors import UserInputError
 from sparseforge.formats.artifact import load_model, load_tokenizer, save
@@ -17,12 +18,14 @@ from sparseforge.recipe import Recipe, load_recipe
 __all__ = ["compress", "evaluate", "load", "load_tokenizer", "save", "results_document"]
 
 
-def load(path_or_hub_id: str | os.PathLike | None = None, device: str | None = None, dtype=None, offload: bool | str | os.PathLike = False):
+def load(path_or_hub_id: str | os.PathLike | None = None, device: str | None = None, dtype=None, offload: bool | str | os.PathLike = False,
+         trust_remote_code: bool = False):
     """A causal LM from a directory, a sparseforge artifact or a hub id (None: the bundled reference model).
 
     offload=True (or a scratch directory): keep the decoder layers on disk and hold one at a time in memory
-    while compressing; such a model can be compressed and saved, not run (save it, then load the result)."""
-    return load_model(path_or_hub_id, device=device, dtype=dtype, offload=offload)
+    while compressing; such a model can be compressed and saved, not run (save it, then load the result).
+    trust_remote_code=True lets a model that ships its own Python modelling code run it (refused otherwise)."""
+    return load_model(path_or_hub_id, device=device, dtype=dtype, offload=offload, trust_remote_code=trust_remote_code)
 
 
 def _check_targets(model, recipe: Recipe) -> None:
@@ -55,6 +58,7 @@ def compress(model=None, recipe: Recipe | str | None = None, tokenizer=None, dev
     _check_targets(model, recipe)
     if device:
         recipe.calibration.device = device
+    check_calibration_memory(model, recipe.calibration)
     stages, timings = [], []
     for stage in recipe.stages:
         method = get_method(stage.method)(stage.params)

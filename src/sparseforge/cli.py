@@ -9,13 +9,18 @@ import pathlib
 import sys
 import warnings
 
-from sparseforge.errors import UserInputError
+from sparseforge.errors import EXIT_ENVIRONMENT, EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_USER_ERROR, EnvironmentFailure, UserInputError
 
 DEFAULT_RUN_DIR = "sparseforge-out"
-# Settings of `sparseforge run`: perplexity on the whole held-out text, fidelity on its first 64 windows of
-# 512 tokens, retrieval at three lengths and five depths with two episodes per cell (kept short for a 2-core CPU).
-RUN_EVAL_SETTINGS = {"retrieval_per_cell": 2, "fidelity_max_windows": 64}
+# Settings of `sparseforge run`, sized so the main job takes about a minute on 2 CPU cores
+# (benchmarks/run_wall_time.py): perplexity on the first 16384 held-out tokens (of 107242), fidelity on 16 windows
+# of 512 tokens, retrieval at three lengths and five depths with one episode per cell, speed as the median of 3
+# repeats. `run --full` uses eval's defaults instead (the whole text, 20 episodes per cell; several minutes).
+RUN_EVAL_SETTINGS = {"max_tokens": 16384, "fidelity_max_windows": 16, "retrieval_per_cell": 1, "speed_repeats": 3, "speed_new_tokens": 32}
+TOKENIZER_FREE_TASKS = {"sparsity", "size"}
 RUN_TASKS = ("perplexity", "fidelity", "passkey", "multikey", "sparsity", "size", "memory", "speed")
+# Speed rows and the metric holding their relative run-to-run spread.
+SPEED_SPREAD = {"prefill_tokens_per_s": "speed_prefill_spread", "decode_tokens_per_s": "speed_decode_spread"}
 TABLE_ROWS = (
     ("perplexity", "perplexity (held-out)", "{:.2f}"),
     ("kl_to_reference", "KL to dense (nats/token)", "{:.4f}"),
@@ -50,14 +55,35 @@ def side_by_side(columns: dict[str, dict]) -> str:
         row = [label, *(_fmt(v, fmt) for v in values)]
         if len(names) == 2:
             a, b = values
-            row.append(f"{b / a:.2f}x" if isinstance(a, (int, float)) and isinstance(b, (int, float)) and a else "-")
+            ratio = f"{b / a:.2f}x" if isinstance(a, (int, float)) and isinstance(b, (int, float)) and a else "-"
+            spread = SPEED_SPREAD.get(key)
+            if spread and ratio != "-":
+                noise = sum(columns[n].get(spread) or 0.0 for n in names)
+                if abs(b / a - 1) <= noise:
+                    ratio += " (no measurable difference)"
+            row.append(ratio)
         lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines)
 
 
+def speed_note(metrics: dict) -> str:
+    """How the speed rows were measured, for the report (empty when speed was not measured)."""
+    if "speed_repeats" not in metrics:
+        return ""
+    return (f" Speed: medians of {metrics['speed_repeats']} repeats after {metrics['speed_warmup']} warm-up run(s) per model; a ratio "
+            "closer to 1 than the two models' run-to-run spreads together ((slowest - fastest) / median, in results.json) "
+            "is marked \"no measurable difference\".")
+
+
 def _say(args, *text) -> None:
+    """A status line: silenced by --quiet."""
     if not args.quiet:
         print(*text, flush=True)
+
+
+def _result(*text) -> None:
+    """A result (the final table, what was written where): printed even with --quiet."""
+    print(*text, flush=True)
 
 
 def cmd_methods(args) -> int:
@@ -76,14 +102,20 @@ def cmd_compress(args) -> int:
     from sparseforge import api
     from sparseforge.eval.efficiency import weight_sparsity
     from sparseforge.formats.artifact import check_output_dir, resolve_model_path, save
+    from sparseforge.formats.output import check_not_an_input, weights_bytes
     from sparseforge.recipe import load_recipe
 
     recipe = load_recipe(args.recipe)
-    out = check_output_dir(args.out, args.overwrite)
     source = resolve_model_path(args.model)
+    if args.offload_dir is not None:
+        check_not_an_input(args.offload_dir, [("input model", source)], "--offload-dir")
+    out = check_output_dir(args.out, args.overwrite, [("input model", source), ("offload directory", args.offload_dir)],
+                           needed_bytes=weights_bytes(source))
     if args.offload_dir is not None and args.storage != "dense":
         raise UserInputError("--offload-dir writes a dense checkpoint layer by layer; drop --storage compact (convert the result afterwards)")
-    model, tokenizer = api.load(args.model, offload=args.offload_dir or False), api.load_tokenizer(args.model)
+    trust = args.trust_remote_code
+    model = api.load(args.model, offload=args.offload_dir or False, trust_remote_code=trust)
+    tokenizer = api.load_tokenizer(args.model, trust_remote_code=trust)
     _say(args, f"compressing {source} with recipe '{recipe.name}' ({len(recipe.stages)} stage(s))")
     try:
         model, report = api.compress(model, recipe, tokenizer, device=args.device, progress=not args.quiet, inplace=True)
@@ -96,7 +128,7 @@ def cmd_compress(args) -> int:
         store = offload_store(model)
         if store is not None:
             store.close()  # scratch files go now, not at interpreter exit
-    _say(args, f"wrote {out}  (sparsity {sparsity['sparsity']:.3f}, {report['compress_seconds']:.1f} s)")
+    _result(f"wrote {out}  (sparsity {sparsity['sparsity']:.3f}, {report['compress_seconds']:.1f} s)")
     return 0
 
 
@@ -104,12 +136,13 @@ def cmd_export(args) -> int:
     from sparseforge import api
     from sparseforge.formats.artifact import check_output_dir, resolve_model_path, save
 
-    out = check_output_dir(args.dense, args.overwrite)
     source = resolve_model_path(args.model)
-    model, tokenizer = api.load(args.model), api.load_tokenizer(args.model)
+    out = check_output_dir(args.dense, args.overwrite, [("input model", source)], "--dense")
+    model = api.load(args.model, trust_remote_code=args.trust_remote_code)
+    tokenizer = _tokenizer_or_none(args.model, model, args.trust_remote_code)
     info = dict(getattr(model, "sparseforge_info", {}) or {})
     save(model, out, tokenizer, recipe=info.get("recipe"), metrics=info.get("metrics"), overwrite=args.overwrite, base_model=info.get("base_model", source))
-    _say(args, f"wrote plain Hugging Face checkpoint {out}")
+    _result(f"wrote plain Hugging Face checkpoint {out}")
     return 0
 
 
@@ -119,7 +152,11 @@ def cmd_eval(args) -> int:
 
     from sparseforge.eval.tasks import TASKS
 
-    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()] if args.tasks else None
+    tasks = None
+    if args.tasks is not None:
+        tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+        if not tasks:
+            raise UserInputError(f"--tasks is empty; name at least one of {', '.join(TASKS)}, or leave --tasks out to run them all")
     unknown = [t for t in tasks or [] if t not in TASKS]
     if unknown:
         raise UserInputError(f"unknown eval task(s) {', '.join(unknown)}; known tasks: {', '.join(TASKS)}")
@@ -127,19 +164,24 @@ def cmd_eval(args) -> int:
     source = resolve_model_path(args.model)
     if args.reference:
         resolve_model_path(args.reference)
+    if args.tokenizer:
+        resolve_model_path(args.tokenizer)
     if args.json:
         _check_writable_file(args.json)
     settings = _settings(args)
     _check_kernel(args)
-    model, tokenizer = api.load(args.model, device=args.device), api.load_tokenizer(args.model)
-    reference = api.load(args.reference, device=args.device) if args.reference else None
+    trust = args.trust_remote_code
+    model = api.load(args.model, device=args.device, trust_remote_code=trust)
+    needs_tokenizer = tasks is None or bool(set(tasks) - TOKENIZER_FREE_TASKS)
+    tokenizer = _tokenizer_or_none(args.tokenizer or args.model, model, trust, required=needs_tokenizer)
+    reference = api.load(args.reference, device=args.device, trust_remote_code=trust) if args.reference else None
     model_dir = source if pathlib.Path(source).is_dir() else None
     dispatched = _use_kernel(args, model)
     doc = api.evaluate(model, tokenizer, tasks, reference=reference, model_dir=model_dir, settings=settings, model_name=source)
     doc["metrics"].update(dispatched)
     if args.json:
         _write_text(args.json, json.dumps(doc, indent=2) + "\n")
-    _say(args, side_by_side({source: doc["metrics"]}))
+    _result(side_by_side({source: doc["metrics"]}))
     return 0
 
 
@@ -148,19 +190,23 @@ def cmd_run(args) -> int:
 
     from sparseforge import api
     from sparseforge.formats.artifact import atomic_directory, resolve_model_path, save
+    from sparseforge.formats.output import check_not_an_input
     from sparseforge.recipe import load_recipe
 
     recipe = load_recipe(args.recipe)
     source = resolve_model_path(args.model)
     out = pathlib.Path(args.out or os.path.join(DEFAULT_RUN_DIR, f"run-{recipe.name}"))
     # `run` is the demo job: rerunning it replaces its previous output (atomically), but never a directory
-    # that is not a previous run's output.
+    # that is not a previous run's output, and never the model it reads.
+    inputs = [("input model", source)]
+    check_not_an_input(out, inputs)
     if out.is_dir() and any(out.iterdir()) and not (out / "results.json").is_file():
         raise UserInputError(f"'{out}' exists and is not the output of an earlier `sparseforge run`; choose another --out")
-    settings = _settings(args, RUN_EVAL_SETTINGS)
+    settings = _settings(args, {} if args.full else RUN_EVAL_SETTINGS)
     _check_kernel(args)
-    with atomic_directory(out, overwrite=True) as tmp:
-        dense, tokenizer = api.load(args.model, device=args.device), api.load_tokenizer(args.model)
+    with atomic_directory(out, overwrite=True, inputs=inputs) as tmp:
+        dense = api.load(args.model, device=args.device, trust_remote_code=args.trust_remote_code)
+        tokenizer = api.load_tokenizer(args.model, trust_remote_code=args.trust_remote_code)
         _say(args, f"[1/4] evaluating dense model {source}")
         dense_doc = api.evaluate(dense, tokenizer, RUN_TASKS, model_dir=source if pathlib.Path(source).is_dir() else None, settings=settings, model_name=source)
         _say(args, f"[2/4] compressing with recipe '{recipe.name}'")
@@ -173,9 +219,10 @@ def cmd_run(args) -> int:
         comp_doc["metrics"].update(compress_seconds=report["compress_seconds"], **dispatched)
         table = side_by_side({"dense": dense_doc["metrics"], recipe.name: comp_doc["metrics"]})
         (tmp / "results.json").write_text(json.dumps([dense_doc, comp_doc], indent=2) + "\n")
-        (tmp / "report.md").write_text(_report(source, recipe, table, report, dense_doc["environment"], dispatched))
+        (tmp / "report.md").write_text(_report(source, recipe, table, report, dense_doc["environment"], dispatched,
+                                               speed_note(comp_doc["metrics"])))
         _say(args, "[4/4] writing artifact and report")
-    _say(args, "\n" + table + f"\n\ncompressed in {report['compress_seconds']:.1f} s; artifact: {out / 'model'}; report: {out / 'report.md'}")
+    _result("\n" + table + f"\n\ncompressed in {report['compress_seconds']:.1f} s; artifact: {out / 'model'}; report: {out / 'report.md'}")
     return 0
 
 
@@ -207,7 +254,7 @@ def _use_kernel(args, model) -> dict:
     return {"kernel": args.kernel, "kernel_projections": len(r["replaced"]), "kernel_gate": gate.to_dict()}
 
 
-def _report(source, recipe, table, report, env, dispatched=None) -> str:
+def _report(source, recipe, table, report, env, dispatched=None, note: str = "") -> str:
     stages = "\n".join(f"- {s['method']}: pattern {s['pattern']}, {len(s['projections'])} projections, {s['seconds']:.2f} s" for s in report["stages"])
     kernel = (f" The compressed model ran its {dispatched['kernel_projections']} projections through the '{dispatched['kernel']}' "
               "kernel wherever the speed gate measured at start-up found it faster (gate timings in results.json); the dense "
@@ -215,7 +262,7 @@ def _report(source, recipe, table, report, env, dispatched=None) -> str:
     return (
         f"# sparseforge run: {recipe.name}\n\nModel: `{source}`\n\nMachine: {env.get('cpu')} ({env.get('cpu_count')} cores), "
         f"device {env.get('device')}, torch {env.get('torch')}, transformers {env.get('transformers')}\n\n"
-        f"## Dense vs. compressed\n\n{table}\n\nRatio: compressed / dense.{kernel}\n\n## Stages\n\n{stages}\n\n"
+        f"## Dense vs. compressed\n\n{table}\n\nRatio: compressed / dense.{note}{kernel}\n\n## Stages\n\n{stages}\n\n"
         f"## Recipe\n\n```yaml\n{recipe.to_yaml()}```\n"
     )
 
@@ -236,17 +283,28 @@ def _settings(args, base: dict | None = None) -> dict:
 
 
 def _write_text(path: str, text: str) -> None:
-    """Atomic single-file write: a temporary file in the same directory, then rename."""
-    import tempfile
+    from sparseforge.formats.output import write_text_atomic
 
-    target = _check_writable_file(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent)
-    with os.fdopen(fd, "w") as fh:
-        fh.write(text)
-    mask = os.umask(0)
-    os.umask(mask)
-    os.chmod(tmp, 0o666 & ~mask)  # mkstemp makes it private; a results file should follow the umask
-    os.replace(tmp, target)
+    write_text_atomic(_check_writable_file(path), text)
+
+
+def _tokenizer_or_none(spec, model, trust_remote_code: bool, required: bool = True):
+    """The tokenizer of `spec`; failing that, of the model the artifact was made from (its base_model); with
+    `required=False` None when neither has one (tasks such as sparsity and size need none)."""
+    from sparseforge import api
+
+    try:
+        return api.load_tokenizer(spec, trust_remote_code=trust_remote_code)
+    except UserInputError as first:
+        base = (getattr(model, "sparseforge_info", None) or {}).get("base_model")
+        if base:
+            try:
+                return api.load_tokenizer(base, trust_remote_code=trust_remote_code)
+            except UserInputError:
+                pass
+        if required:
+            raise first
+        return None
 
 
 def _check_writable_file(path: str) -> pathlib.Path:
@@ -257,14 +315,19 @@ def _check_writable_file(path: str) -> pathlib.Path:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="sparseforge", description="Make transformer LMs sparse, small and fast, and measure it.")
-    parser.add_argument("--quiet", "-q", action="store_true", help="no progress bars or status lines")
+    parser = argparse.ArgumentParser(prog="sparseforge", description="Make transformer LMs sparse, small and fast, and measure it.",
+                                     epilog="exit status: 0 ok, 1 internal error, 2 bad input, 3 machine limit (disk full, memory), 130 interrupted")
+    parser.add_argument("--quiet", "-q", action="store_true", help="no progress bars or status lines (results still print)")
+    parser.add_argument("--debug", action="store_true", help="show the full traceback of an error")
     sub = parser.add_subparsers(dest="command", required=True)
 
     def common(p, model_help="model directory or hub id (default: the bundled reference model)"):
         p.add_argument("--model", default=None, help=model_help)
         p.add_argument("--device", default=None, help="compute device, e.g. cpu or cuda (default: cpu)")
-        p.add_argument("--quiet", "-q", action="store_true", default=argparse.SUPPRESS, help="no progress bars or status lines")
+        p.add_argument("--quiet", "-q", action="store_true", default=argparse.SUPPRESS, help="no progress bars or status lines (results still print)")
+        p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show the full traceback of an error")
+        p.add_argument("--trust-remote-code", action="store_true",
+                       help="allow a model that ships its own Python code (auto_map in its config) to run it; read that code first")
 
     p = sub.add_parser("run", help="the main job: compress the model, evaluate dense vs. compressed, save artifact and report")
     common(p)
@@ -273,6 +336,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-tokens", type=int, default=None, help="evaluate perplexity on at most this many held-out tokens")
     p.add_argument("--retrieval-per-cell", type=int, default=None,
                    help="passkey/multi-key episodes per (length, depth) cell (default: %(prog)s's own, see docs/metrics.md)")
+    p.add_argument("--full", action="store_true",
+                   help="the full evaluation of `eval` (all held-out text, 20 retrieval episodes per cell) instead of run's short one")
     p.add_argument("--kernel", default="dense", choices=("dense", "csr", "2:4"),
                    help="run the compressed model's projections through this sparse kernel wherever a speed gate, measured at "
                         "start-up on this machine, finds it faster than dense (csr: CPU, float32; 2:4: CUDA, 16-bit)")
@@ -299,6 +364,7 @@ def build_parser() -> argparse.ArgumentParser:
     common(p)
     p.add_argument("--tasks", default=None, help="comma-separated tasks (default: all that apply); see docs/metrics.md")
     p.add_argument("--reference", default=None, help="reference model for KL and top-1 agreement")
+    p.add_argument("--tokenizer", default=None, help="tokenizer directory or hub id (default: the model's own, else its base model's)")
     p.add_argument("--json", default=None, help="write the results document here")
     p.add_argument("--max-tokens", type=int, default=None, help="evaluate perplexity on at most this many held-out tokens")
     p.add_argument("--retrieval-per-cell", type=int, default=None,
@@ -316,6 +382,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     args.quiet = getattr(args, "quiet", False)
+    args.debug = getattr(args, "debug", False)
     if args.quiet:
         os.environ.setdefault("TQDM_DISABLE", "1")
         import transformers
@@ -327,11 +394,38 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args) or 0
     except UserInputError as exc:
-        print(f"sparseforge: error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("sparseforge: interrupted; nothing was written", file=sys.stderr)
-        return 130
+        return _fail(args, exc, "error:", EXIT_USER_ERROR, str(exc))
+    except EnvironmentFailure as exc:
+        return _fail(args, exc, "error:", EXIT_ENVIRONMENT, str(exc))
+    except KeyboardInterrupt as exc:
+        return _fail(args, exc, "interrupted;", EXIT_INTERRUPTED, "nothing was written")
+    except MemoryError as exc:
+        return _fail(args, exc, "error:", EXIT_ENVIRONMENT, "ran out of memory; use a smaller model, fewer calibration samples, "
+                     "or compress with --offload-dir DIR")
+    except OSError as exc:
+        from sparseforge.formats.output import is_disk_full
+
+        if is_disk_full(exc):
+            where = f" in '{exc.filename}'" if exc.filename else ""
+            return _fail(args, exc, "error:", EXIT_ENVIRONMENT, f"no space left{where} ({exc.strerror}); free some space or write elsewhere")
+        return _fail(args, exc, "error:", EXIT_ENVIRONMENT, f"{exc.strerror or exc}{f' (' + str(exc.filename) + ')' if exc.filename else ''}; "
+                     "check the path and its permissions, or rerun with --debug")
+    except Exception as exc:  # a bug: one line, the traceback on request
+        from sparseforge.formats.output import is_disk_full
+
+        if is_disk_full(exc):
+            return _fail(args, exc, "error:", EXIT_ENVIRONMENT, "no space left on the device being written; free some space or write elsewhere")
+        first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ""
+        return _fail(args, exc, "internal error:", EXIT_INTERNAL, f"{type(exc).__name__}: {first}; rerun with --debug for the traceback and report it")
+
+
+def _fail(args, exc: BaseException, kind: str, code: int, message: str) -> int:
+    if args.debug:
+        import traceback
+
+        traceback.print_exception(exc)
+    print(f"sparseforge: {kind} {' '.join(message.split())}", file=sys.stderr, flush=True)
+    return code
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ SparseGPT and Wanda do; `propagate="dense"` feeds every layer the dense model's 
 from __future__ import annotations
 
 import dataclasses
+import os
 import random
 from typing import Callable
 
@@ -40,6 +41,50 @@ class CalibrationConfig:
             raise UserInputError(f"calibration needs samples >= 1 and seq_len >= 2, got {self.samples} and {self.seq_len}")
         if self.propagate not in ("pruned", "dense"):
             raise UserInputError(f"calibration propagate={self.propagate!r}; allowed: pruned, dense")
+
+
+def available_memory_bytes(device: torch.device | str = "cpu") -> int | None:
+    """Memory the process can still take on `device`: free GPU memory, or the kernel's MemAvailable on CPU."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def calibration_activation_bytes(model: nn.Module, config: CalibrationConfig) -> int:
+    """What the layer-by-layer walk holds at once: the captured inputs of one layer and its outputs (a third copy
+    with propagate="dense"), each samples x seq_len x hidden values in the model's dtype, plus the token ids."""
+    text_config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    hidden = getattr(text_config, "hidden_size", None) or getattr(text_config, "n_embd", None) or 0
+    emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    element = emb.weight.element_size() if emb is not None else 4
+    copies = 3 if config.propagate == "dense" else 2
+    return config.samples * config.seq_len * (hidden * element * copies + 8)
+
+
+def check_calibration_memory(model: nn.Module, config: CalibrationConfig) -> int:
+    """Refuse, before anything is allocated, calibration settings whose activations cannot fit in memory."""
+    config.validate()
+    need = calibration_activation_bytes(model, config)
+    device = config.device or _model_device(model)
+    have = available_memory_bytes(device)
+    if have is not None and need > 0.9 * have:
+        raise UserInputError(
+            f"calibration would hold about {need / 1e9:.2f} GB of activations (samples={config.samples} x seq_len={config.seq_len} "
+            f"x hidden size, {'3' if config.propagate == 'dense' else '2'} copies), more than the {have / 1e9:.2f} GB available "
+            f"on {torch.device(device).type}; lower calibration samples or seq_len"
+        )
+    return need
 
 
 def calibration_batches(tokenizer, config: CalibrationConfig) -> list[torch.Tensor]:

@@ -25,6 +25,7 @@ from torch import nn
 
 from sparseforge.core.adapter import ModelAdapter
 from sparseforge.errors import UserInputError
+from sparseforge.formats.output import disk_full, is_disk_full, remove_stale_scratch, scratch_prefix
 
 META = torch.device("meta")
 
@@ -82,8 +83,11 @@ class _CheckpointIndex:
     def __init__(self, directory: pathlib.Path):
         index = directory / "model.safetensors.index.json"
         if index.is_file():
-            weight_map = json.loads(index.read_text())["weight_map"]
-            self.file_of = {k: directory / v for k, v in weight_map.items()}
+            try:
+                weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+                self.file_of = {str(k): directory / str(v) for k, v in weight_map.items()}
+            except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError, AttributeError) as exc:
+                raise UserInputError(f"'{index}' is not a valid checkpoint index ({type(exc).__name__}); download or save the model again") from None
         else:
             files = sorted(directory.glob("*.safetensors"))
             if not files:
@@ -131,20 +135,25 @@ class LayerStore:
         self.prefix = self.adapter.layer_list_name
         self.source = _CheckpointIndex(source)
         self.dtype = dtype
-        base = pathlib.Path(offload_dir) if offload_dir else None
-        if base is not None:
-            try:
-                base.mkdir(parents=True, exist_ok=True)
-            except OSError as exc:
-                raise UserInputError(f"cannot create offload directory '{base}' ({exc.strerror}); pass a writable --offload-dir") from None
+        base = pathlib.Path(offload_dir) if offload_dir else pathlib.Path(tempfile.gettempdir())
+        created = []  # directories made here, innermost first: removed again with the scratch
+        probe = base
+        while not probe.exists():
+            created.append(probe)
+            probe = probe.parent
         try:
-            self.scratch = pathlib.Path(tempfile.mkdtemp(prefix="sparseforge-offload-", dir=base))
+            base.mkdir(parents=True, exist_ok=True)
+            remove_stale_scratch(base, "offload")
+            self.scratch = pathlib.Path(tempfile.mkdtemp(prefix=scratch_prefix("offload", "offload"), dir=base))
         except OSError as exc:
+            _remove_empty(created)
+            if is_disk_full(exc):
+                raise disk_full(base, exc) from None
             raise UserInputError(f"cannot write to offload directory '{base}' ({exc.strerror}); pass a writable --offload-dir") from None
         self._written: set[int] = set()
         self.walking = False  # set by the calibration walk, the one caller allowed to run the model
-        # Scratch files are removed with the store (garbage collection or interpreter exit).
-        self._cleanup = weakref.finalize(self, shutil.rmtree, str(self.scratch), True)
+        # Scratch files are removed with the store (close, garbage collection or interpreter exit).
+        self._cleanup = weakref.finalize(self, _remove_scratch, str(self.scratch), created)
 
     def layer_keys(self, index: int) -> dict[str, str]:
         """Parameter name inside layer `index` -> checkpoint key."""
@@ -183,7 +192,13 @@ class LayerStore:
             return
         tensors = {n: p.data.detach().to("cpu").contiguous() for n, p in layer.named_parameters(remove_duplicate=False)}
         tmp = self._scratch_file(index).with_suffix(".partial")
-        save_file(tensors, str(tmp))
+        try:
+            save_file(tensors, str(tmp))
+        except Exception as exc:
+            tmp.unlink(missing_ok=True)
+            if is_disk_full(exc):
+                raise disk_full(self.scratch, exc, sum(t.numel() * t.element_size() for t in tensors.values())) from None
+            raise
         tmp.replace(self._scratch_file(index))
         self._written.add(index)
         for name, tensor in tensors.items():
@@ -210,6 +225,19 @@ class LayerStore:
 
     def _scratch_file(self, index: int) -> pathlib.Path:
         return self.scratch / f"layer-{index:05d}.safetensors"
+
+
+def _remove_empty(directories: list[pathlib.Path]) -> None:
+    for directory in directories:  # innermost first
+        try:
+            directory.rmdir()
+        except OSError:
+            break
+
+
+def _remove_scratch(scratch: str, created: list[pathlib.Path]) -> None:
+    shutil.rmtree(scratch, ignore_errors=True)
+    _remove_empty(created)
 
 
 def load_offloaded(path: str | pathlib.Path, offload_dir: str | None = None, dtype: torch.dtype | None = None):

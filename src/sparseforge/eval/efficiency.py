@@ -188,6 +188,10 @@ def speed(
         "decode_tokens_per_s": new_tokens / decode_s,
         "prefill_median_s": prefill_s,
         "decode_median_s": decode_s,
+        # Run-to-run spread, (slowest - fastest) / median over the repeats: a ratio between two models closer
+        # to 1 than their spreads together is not a measured difference.
+        "prefill_spread": (max(prefill_times) - min(prefill_times)) / prefill_s,
+        "decode_spread": (max(decode_times) - min(decode_times)) / decode_s,
         "prompt_len": prompt_len,
         "new_tokens": new_tokens,
         "repeats": repeats,

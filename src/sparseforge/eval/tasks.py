@@ -132,7 +132,8 @@ def task_speed(ctx: EvalContext) -> dict:
     return {
         "prefill_tokens_per_s": r["prefill_tokens_per_s"],
         "decode_tokens_per_s": r["decode_tokens_per_s"],
-        **_prefixed("speed", r, ("prefill_median_s", "decode_median_s", "prompt_len", "new_tokens", "device")),
+        **_prefixed("speed", r, ("prefill_median_s", "decode_median_s", "prefill_spread", "decode_spread", "repeats", "warmup",
+                                 "prompt_len", "new_tokens", "device")),
     }
 
 

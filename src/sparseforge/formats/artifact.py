@@ -7,90 +7,32 @@ safetensors and JSON; pickled weights are refused.
 """
 from __future__ import annotations
 
-import contextlib
 import datetime
 import json
+import logging
 import os
 import pathlib
 import shutil
-import tempfile
-from typing import Any, Iterator
+from typing import Any
 
 from sparseforge.errors import UserInputError
+from sparseforge.formats.output import atomic_directory, check_output_dir  # noqa: F401  (re-exported)
+from sparseforge.formats.safetensors_check import check_safetensors, check_safetensors_dir
+
+log = logging.getLogger(__name__)
 
 ARTIFACT_FILE = "sparseforge.json"
 # Compact artifacts keep their weights here, not in model.safetensors, so that plain transformers fails
 # loudly on them (instead of silently initializing the packed weights at random); `export` converts.
 COMPACT_WEIGHTS_FILE = "sparseforge-weights.safetensors"
+# ...and an index whose only shard is this missing file, so that `from_pretrained` on a compact artifact fails with
+# a FileNotFoundError naming what the directory is and what to do, rather than transformers' generic "no file
+# named model.safetensors". README.md in the artifact says the same in words.
+COMPACT_MARKER_SHARD = "SPARSEFORGE-COMPACT-ARTIFACT--load-with-sparseforge.load--or-convert-with-sparseforge-export--dense"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model", "vocab.json", "merges.txt")
 STORAGES = ("dense", "compact")
 FORMAT_VERSION = 1
 REFERENCE_MODEL_DIR = pathlib.Path(__file__).resolve().parents[1] / "assets" / "reference-model"
-
-
-def check_output_dir(path: str | os.PathLike, overwrite: bool = False) -> pathlib.Path:
-    """Fail early (before any long work) when `path` cannot be written as a new artifact directory."""
-    path = pathlib.Path(path).expanduser()
-    if path.exists() and not overwrite:
-        raise UserInputError(f"output directory '{path}' already exists; choose a new --out or pass --overwrite")
-    if path.exists() and not path.is_dir():
-        raise UserInputError(f"output path '{path}' is a file, not a directory; choose another --out")
-    parent = path.parent
-    probe = parent
-    while not probe.exists():
-        probe = probe.parent
-    try:  # a real write probe: os.access says yes to root even on read-only mounts
-        if not probe.is_dir():
-            raise NotADirectoryError
-        os.rmdir(tempfile.mkdtemp(prefix=".sparseforge-probe-", dir=probe))
-    except OSError:
-        raise UserInputError(f"cannot write to '{parent}' ('{probe}' is not a writable directory); choose a writable --out") from None
-    return path
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-@contextlib.contextmanager
-def atomic_directory(path: str | os.PathLike, overwrite: bool = False) -> Iterator[pathlib.Path]:
-    """Yield a temporary directory; on success it replaces `path`, on error it is removed (and so are any
-    parent directories this call created), leaving what was there before untouched."""
-    path = check_output_dir(path, overwrite)
-    created = []
-    probe = path.parent
-    while not probe.exists():
-        created.append(probe)
-        probe = probe.parent
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise UserInputError(f"cannot create '{path.parent}' ({exc.strerror}); choose a writable --out") from None
-    tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
-    try:
-        yield tmp
-        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it private; an artifact should follow the umask
-        if path.exists():
-            backup = pathlib.Path(tempfile.mkdtemp(prefix=f".{path.name}.old-", dir=path.parent))
-            os.replace(path, backup / "old")
-            try:
-                os.replace(tmp, path)
-            except BaseException:
-                os.replace(backup / "old", path)
-                raise
-            finally:
-                shutil.rmtree(backup, ignore_errors=True)
-        else:
-            os.replace(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        for directory in created:  # innermost first
-            try:
-                directory.rmdir()
-            except OSError:
-                break
-        raise
 
 
 def write_json(path: pathlib.Path, data: Any) -> None:
@@ -124,7 +66,9 @@ def save(model, directory, tokenizer=None, recipe=None, stages=None, metrics=Non
     if offloaded and storage != "dense":
         raise UserInputError("a disk-offloaded model is saved layer by layer as a dense checkpoint; save with storage 'dense', "
                              "then load it and save again with storage 'compact'")
-    with atomic_directory(directory, overwrite) as tmp:
+    source = getattr(model, "sparseforge_source", None)
+    inputs = [("input model", source), ("offload scratch", getattr(offload_store(model), "scratch", None))]
+    with atomic_directory(directory, overwrite, inputs, needed_bytes=_tensor_bytes(model)) as tmp:
         if offloaded:
             _save_offloaded(model, tmp)
         else:
@@ -132,6 +76,8 @@ def save(model, directory, tokenizer=None, recipe=None, stages=None, metrics=Non
         packed, planes = _compact_weights(model, tmp) if storage == "compact" else ({}, {})
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
+        else:
+            _copy_tokenizer(source, tmp)
         info = dict(getattr(model, "sparseforge_info", None) or {})
         info.update(
             {
@@ -151,7 +97,51 @@ def save(model, directory, tokenizer=None, recipe=None, stages=None, metrics=Non
         info.setdefault("runtime", {})
         info["storage"] = {"format": storage, "tensors": packed} | ({"planes": planes} if planes else {})
         write_json(tmp / ARTIFACT_FILE, info)
+        if storage == "compact":
+            _write_compact_notice(tmp)
     return pathlib.Path(directory)
+
+
+def _tensor_bytes(model) -> int:
+    """Bytes of the model's tensors, tied ones once (offloaded layers count too): about what a dense save writes."""
+    seen, total = set(), 0
+    for t in model.state_dict().values():
+        if t.device.type != "meta" and t.numel():
+            if t.data_ptr() in seen:
+                continue
+            seen.add(t.data_ptr())
+        total += t.numel() * t.element_size()
+    return total
+
+
+def _copy_tokenizer(source, directory: pathlib.Path) -> None:
+    """`save` without a tokenizer: copy the tokenizer files of the model's source directory, or fetch the
+    tokenizer of its hub id, so the artifact stays evaluable; warn if neither works."""
+    if source and pathlib.Path(source).is_dir():
+        found = [f for f in TOKENIZER_FILES if (pathlib.Path(source) / f).is_file()]
+        for f in found:
+            shutil.copyfile(pathlib.Path(source) / f, directory / f)
+        if found:
+            return
+    elif source:
+        try:
+            load_tokenizer(source).save_pretrained(directory)
+            return
+        except UserInputError:
+            pass
+    log.warning("saved without a tokenizer (none was given and the model's source %r has none); pass tokenizer= to "
+                "sparseforge.save, or evaluation of this artifact will need --tokenizer", source)
+
+
+def _write_compact_notice(directory: pathlib.Path) -> None:
+    write_json(directory / "model.safetensors.index.json",
+               {"metadata": {"sparseforge": "compact artifact: weights are packed in " + COMPACT_WEIGHTS_FILE},
+                "weight_map": {"sparseforge.compact": COMPACT_MARKER_SHARD}})
+    (directory / "README.md").write_text(
+        "# sparseforge compact artifact\n\nThe weights in this directory are packed (sparse values + positions, "
+        f"losslessly coded) in `{COMPACT_WEIGHTS_FILE}`, which plain `transformers.AutoModelForCausalLM.from_pretrained` "
+        "cannot read. Load it with `sparseforge.load(path)`, or convert it once into a plain Hugging Face checkpoint "
+        "with `sparseforge export --model PATH --dense OUT`.\n", encoding="utf-8")
 
 
 def _save_offloaded(model, directory: pathlib.Path) -> None:
@@ -262,31 +252,70 @@ def _load_compact(path: pathlib.Path, info: dict, dtype):
     from safetensors.torch import load_file
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from sparseforge.formats.sparse_storage import decode_planes, unpack_bitmask, unpack_nm
-
-    raw = load_file(path / COMPACT_WEIGHTS_FILE)
-    tensors = info["storage"]["tensors"]
-    for key, spec in info["storage"].get("planes", {}).items():
-        parts = {part: raw.pop(f"{key}::{part}") for part in ("planes_top", "planes_rest")}
-        dtype = getattr(torch, spec["dtype"], None)
-        if not isinstance(dtype, torch.dtype):
-            raise UserInputError(f"compact artifact '{path}' names an unknown dtype '{spec['dtype']}'; re-create it")
-        raw[key] = decode_planes(parts, dtype, tuple(spec["shape"]))
-    state = {k: v for k, v in raw.items() if "::" not in k}
-    for key, spec in tensors.items():
-        parts = {k.split("::", 1)[1]: v for k, v in raw.items() if k.startswith(f"{key}::")}
-        shape = tuple(spec["shape"])
-        w = unpack_nm(parts, shape, spec["n"], spec["m"]) if spec["format"] == "nm" else unpack_bitmask(parts, shape)
-        state[key] = w.t().contiguous() if spec.get("transposed") else w
-    config = AutoConfig.from_pretrained(path)
+    weights = path / COMPACT_WEIGHTS_FILE
+    if not weights.is_file():
+        raise UserInputError(f"compact artifact '{path}' has no {COMPACT_WEIGHTS_FILE}; copy the whole directory again or re-create it")
+    check_safetensors(weights)
+    raw = load_file(weights)
+    try:
+        state = _unpack_compact(raw, info["storage"])
+    except UserInputError:
+        raise
+    except (KeyError, TypeError, ValueError, AttributeError, IndexError, RuntimeError) as exc:
+        # A bit-flipped or hand-edited sparseforge.json, or packed tensors that do not match it.
+        raise UserInputError(f"compact artifact '{path}' is inconsistent ({type(exc).__name__}: {str(exc).splitlines()[0][:120] if str(exc) else ''}); "
+                             "copy it again or re-create it with sparseforge compress --storage compact") from None
+    config = AutoConfig.from_pretrained(path, trust_remote_code=False)
     model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    result = model.load_state_dict(state, strict=False)
+    try:
+        result = model.load_state_dict(state, strict=False)
+    except RuntimeError as exc:  # shapes that do not match the config
+        raise UserInputError(f"compact artifact '{path}' does not match its config ({str(exc).splitlines()[-1].strip()[:160]}); re-create it") from None
     model.tie_weights()
     loaded = {p.data_ptr() for k, p in model.state_dict().items() if k in state}
     missing = [k for k in result.missing_keys if model.state_dict()[k].data_ptr() not in loaded]
     if missing or result.unexpected_keys:
         raise UserInputError(f"compact artifact '{path}' does not match its config (missing {missing[:3]}, unexpected {result.unexpected_keys[:3]}); re-create it")
     return model
+
+
+def _unpack_compact(raw: dict, storage: dict) -> dict:
+    """The model's state dict from the compact file's tensors and sparseforge.json's storage section."""
+    import torch
+
+    from sparseforge.formats.sparse_storage import decode_planes, unpack_bitmask, unpack_nm
+
+    for key, spec in storage.get("planes", {}).items():
+        parts = {part: raw.pop(f"{key}::{part}") for part in ("planes_top", "planes_rest")}
+        dtype = getattr(torch, str(spec["dtype"]), None)
+        if not isinstance(dtype, torch.dtype):
+            raise ValueError(f"unknown dtype '{spec['dtype']}'")
+        raw[key] = decode_planes(parts, dtype, tuple(int(d) for d in spec["shape"]))
+    state = {k: v for k, v in raw.items() if "::" not in k}
+    for key, spec in storage["tensors"].items():
+        parts = {k.split("::", 1)[1]: v for k, v in raw.items() if k.startswith(f"{key}::")}
+        shape = tuple(int(d) for d in spec["shape"])
+        w = unpack_nm(parts, shape, int(spec["n"]), int(spec["m"])) if spec["format"] == "nm" else unpack_bitmask(parts, shape)
+        state[key] = w.t().contiguous() if spec.get("transposed") else w
+    return state
+
+
+def check_no_remote_code(path: str, trust_remote_code: bool) -> None:
+    """Refuse a local model whose config or tokenizer config asks to run Python code shipped with it (`auto_map`),
+    unless the user passed --trust-remote-code. transformers would otherwise prompt, or execute it."""
+    if trust_remote_code or not pathlib.Path(path).is_dir():
+        return
+    for name in ("config.json", "tokenizer_config.json"):
+        f = pathlib.Path(path) / name
+        if not f.is_file():
+            continue
+        try:
+            data = json.loads(f.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise UserInputError(f"'{f}' is not valid JSON ({type(exc).__name__}); repair or re-download the model") from None
+        if isinstance(data, dict) and data.get("auto_map"):
+            raise UserInputError(f"'{f}' asks to run custom Python code shipped with the model (auto_map); sparseforge does not run "
+                                 "a model's own code unless you pass --trust-remote-code (trust_remote_code=True) after reading it")
 
 
 def resolve_model_path(spec: str | os.PathLike | None) -> str:
@@ -305,16 +334,21 @@ def resolve_model_path(spec: str | os.PathLike | None) -> str:
     return text  # a hub id such as "org/name"
 
 
-def load_model(spec: str | os.PathLike | None = None, device: str | None = None, dtype=None, offload: bool | str | os.PathLike = False):
+def load_model(spec: str | os.PathLike | None = None, device: str | None = None, dtype=None, offload: bool | str | os.PathLike = False,
+               trust_remote_code: bool = False):
     """Load a causal LM from a directory or hub id (safetensors only) and restore its sparseforge settings.
 
     offload: leave the decoder layers on disk and read them one at a time while compressing (True: scratch
-    files in the system's temporary directory; a path: scratch files there). See core/offload.py."""
+    files in the system's temporary directory; a path: scratch files there). See core/offload.py.
+    trust_remote_code: allow a model that ships its own modelling code to run it (refused by default)."""
     import torch
     from transformers import AutoModelForCausalLM
 
     path = resolve_model_path(spec)
     local = pathlib.Path(path).is_dir()
+    check_no_remote_code(path, trust_remote_code)
+    if local:
+        check_safetensors_dir(path)
     info_path = pathlib.Path(path) / ARTIFACT_FILE if local else None
     info = read_artifact_info(info_path) if info_path and info_path.is_file() else {}
     if offload:
@@ -341,10 +375,17 @@ def load_model(spec: str | os.PathLike | None = None, device: str | None = None,
             "Convert it once with transformers (save_pretrained(..., safe_serialization=True))"
         )
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, use_safetensors=True, dtype=dtype or torch.float32)
+        model, loading = AutoModelForCausalLM.from_pretrained(path, use_safetensors=True, dtype=dtype or torch.float32,
+                                                              trust_remote_code=trust_remote_code, output_loading_info=True)
     except (OSError, ValueError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise UserInputError(f"could not load model '{path}' ({first}); pass a local model directory or a reachable hub id") from None
+    # transformers fills weights a checkpoint lacks with random values and only warns; a renamed (bit-flipped)
+    # or missing tensor must not turn into a silently different model.
+    missing = list(loading.get("missing_keys") or []) + [k[0] if isinstance(k, tuple) else k for k in loading.get("mismatched_keys") or []]
+    if missing:
+        raise UserInputError(f"'{path}' lacks or mis-shapes {len(missing)} weight(s) its config needs (e.g. '{missing[0]}'); the checkpoint "
+                             "is corrupt or incomplete: download or save it again")
     model.eval()
     if device:
         model.to(device)
@@ -353,12 +394,16 @@ def load_model(spec: str | os.PathLike | None = None, device: str | None = None,
     return model
 
 
-def load_tokenizer(spec: str | os.PathLike | None = None):
+def load_tokenizer(spec: str | os.PathLike | None = None, trust_remote_code: bool = False):
     from transformers import AutoTokenizer
 
     path = resolve_model_path(spec)
+    check_no_remote_code(path, trust_remote_code)
+    if pathlib.Path(path).is_dir() and not any((pathlib.Path(path) / f).is_file() for f in TOKENIZER_FILES):
+        raise UserInputError(f"'{path}' has no tokenizer files ({', '.join(TOKENIZER_FILES[:2])}); pass --tokenizer DIR (e.g. the "
+                             "model it was made from), or save it with a tokenizer")
     try:
-        return AutoTokenizer.from_pretrained(path)
+        return AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise UserInputError(f"could not load a tokenizer for '{path}' ({first}); the model directory needs tokenizer files") from None
@@ -367,11 +412,20 @@ def load_tokenizer(spec: str | os.PathLike | None = None):
 def read_artifact_info(path: pathlib.Path) -> dict:
     try:
         info = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as exc:
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise UserInputError(f"'{path}' is not valid JSON ({exc}); re-create the artifact with sparseforge compress") from None
     if not isinstance(info, dict):
         raise UserInputError(f"'{path}' holds a JSON {type(info).__name__}, not an object; re-create the artifact with sparseforge compress")
     version = info.get("format_version")
     if version != FORMAT_VERSION:
         raise UserInputError(f"'{path}' has format_version {version!r}, this sparseforge reads {FORMAT_VERSION}; upgrade sparseforge or re-create the artifact")
+    storage = info.get("storage", {})
+    if not isinstance(storage, dict) or storage.get("format", "dense") not in STORAGES or not isinstance(storage.get("tensors", {}), dict) \
+            or not isinstance(storage.get("planes", {}), dict):
+        raise UserInputError(f"'{path}' has a malformed 'storage' section; re-create the artifact with sparseforge compress")
+    for key in ("recipe", "runtime", "metrics"):
+        if key in info and not isinstance(info[key], (dict, type(None))):
+            raise UserInputError(f"'{path}' has a malformed '{key}' section (a JSON {type(info[key]).__name__}); re-create the artifact")
+    if not isinstance(info.get("stages", []), list):
+        raise UserInputError(f"'{path}' has a malformed 'stages' section; re-create the artifact")
     return info
