@@ -13,6 +13,7 @@ import logging
 import os
 import pathlib
 import shutil
+import zlib
 from typing import Any
 
 from sparseforge.errors import UserInputError
@@ -261,7 +262,7 @@ def _load_compact(path: pathlib.Path, info: dict, dtype):
         state = _unpack_compact(raw, info["storage"])
     except UserInputError:
         raise
-    except (KeyError, TypeError, ValueError, AttributeError, IndexError, RuntimeError) as exc:
+    except (KeyError, TypeError, ValueError, AttributeError, IndexError, RuntimeError, OverflowError, MemoryError, zlib.error) as exc:
         # A bit-flipped or hand-edited sparseforge.json, or packed tensors that do not match it.
         raise UserInputError(f"compact artifact '{path}' is inconsistent ({type(exc).__name__}: {str(exc).splitlines()[0][:120] if str(exc) else ''}); "
                              "copy it again or re-create it with sparseforge compress --storage compact") from None
