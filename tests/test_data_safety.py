@@ -69,7 +69,7 @@ def one_error_line(capsys, argv, code=EXIT_USER_ERROR, *phrases) -> str:
 @pytest.mark.parametrize("overwrite", [False, True])
 @pytest.mark.parametrize("where", ["same", "inside", "parent"])
 @pytest.mark.parametrize("command", ["compress", "export", "run"])
-def test_out_may_not_be_touch_or_contain_the_input(capsys, tmp_path, model_dir, command, where, overwrite):
+def test_out_may_not_be_inside_or_contain_the_input(capsys, tmp_path, model_dir, command, where, overwrite):
     (tmp_path / "sibling.txt").write_text("a sibling\n")
     out = {"same": model_dir, "inside": model_dir / "sub", "parent": tmp_path}[where]
     before = snapshot(tmp_path)

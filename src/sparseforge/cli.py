@@ -222,7 +222,7 @@ def cmd_run(args) -> int:
         (tmp / "report.md").write_text(_report(source, recipe, table, report, dense_doc["environment"], dispatched,
                                                speed_note(comp_doc["metrics"])))
         _say(args, "[4/4] writing artifact and report")
-    _result("\n" + table + f"\n\ncompressed in {report['compress_seconds']:.1f} s; artifact: {out / 'model'}; report: {out / 'report.md'}")
+    _result("\n" + table + f"\n\n{speed_note(comp_doc['metrics']).strip()}\ncompressed in {report['compress_seconds']:.1f} s; artifact: {out / 'model'}; report: {out / 'report.md'}")
     return 0
 
 
@@ -391,6 +391,9 @@ def main(argv: list[str] | None = None) -> int:
     # transformers' own warnings (e.g. long-sequence tokenizer notices) are noise on this CLI.
     logging.getLogger("transformers").setLevel(logging.ERROR)
     warnings.filterwarnings("ignore", module="transformers")
+    # transformers 5.24 renamed `past_key_values` to `cache` in forward(); the old name, which every supported
+    # version accepts, keeps working until 5.40 and the notice is attributed to torch's module code.
+    warnings.filterwarnings("ignore", message=r".*`past_key_values` is deprecated", category=FutureWarning)
     try:
         return args.func(args) or 0
     except UserInputError as exc:

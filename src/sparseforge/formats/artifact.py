@@ -30,7 +30,8 @@ COMPACT_WEIGHTS_FILE = "sparseforge-weights.safetensors"
 # a FileNotFoundError naming what the directory is and what to do, rather than transformers' generic "no file
 # named model.safetensors". README.md in the artifact says the same in words.
 COMPACT_MARKER_SHARD = "SPARSEFORGE-COMPACT-ARTIFACT--load-with-sparseforge.load--or-convert-with-sparseforge-export--dense"
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model", "vocab.json", "merges.txt")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model", "vocab.json", "merges.txt",
+                   "spiece.model", "vocab.txt", "added_tokens.json", "chat_template.jinja")
 STORAGES = ("dense", "compact")
 FORMAT_VERSION = 1
 REFERENCE_MODEL_DIR = pathlib.Path(__file__).resolve().parents[1] / "assets" / "reference-model"
