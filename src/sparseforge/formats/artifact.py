@@ -124,7 +124,10 @@ def save(model, directory, tokenizer=None, recipe=None, stages=None, metrics=Non
     if offloaded and storage != "dense":
         raise UserInputError("a disk-offloaded model is saved layer by layer as a dense checkpoint; save with storage 'dense', "
                              "then load it and save again with storage 'compact'")
-    with atomic_directory(directory, overwrite) as tmp:
+    from sparseforge.formats import runtime_state
+
+    # Weights are saved with the runtime stages detached (plain modules); the stages go to their own files.
+    with atomic_directory(directory, overwrite) as tmp, runtime_state.detached(model) as runtime:
         if offloaded:
             _save_offloaded(model, tmp)
         else:
@@ -148,7 +151,7 @@ def save(model, directory, tokenizer=None, recipe=None, stages=None, metrics=Non
             info["stages"] = [s.to_json() if hasattr(s, "to_json") else s for s in stages]
         if metrics is not None:
             info["metrics"] = metrics
-        info.setdefault("runtime", {})
+        info["runtime"] = runtime_state.write(tmp, runtime)
         info["storage"] = {"format": storage, "tensors": packed} | ({"planes": planes} if planes else {})
         write_json(tmp / ARTIFACT_FILE, info)
     return pathlib.Path(directory)
