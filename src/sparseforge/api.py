@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import copy
 import datetime
+import json
 import os
 import time
 from typing import Iterable
@@ -81,7 +82,9 @@ def _run_stage(model, stage, tokenizer, calibration, progress) -> dict:
     else:
         fields = method.apply(model, tokenizer, stage.targets, stage.ignore, calibration, progress).to_json()
     seconds = round(time.perf_counter() - start, 3)
-    # A method may name itself more precisely (OWL reports "owl+wanda").
+    # Through JSON once, so the report in memory is the one sparseforge.json gives back (OWL's int layer keys
+    # become strings). A method may name itself more precisely (OWL reports "owl+wanda").
+    fields = json.loads(json.dumps(fields))
     return {"method": fields.pop("method", cls.name), "family": cls.family, "lifetime": cls.lifetime, **fields, "seconds": seconds}
 
 
