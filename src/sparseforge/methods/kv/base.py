@@ -263,6 +263,16 @@ def _configs(model) -> list:
     return found
 
 
+def cache_argument(model) -> str:
+    """The keyword a model's forward takes its cache by: `cache` in transformers >= 5.24, `past_key_values` before."""
+    import inspect
+
+    try:
+        return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    except (TypeError, ValueError):
+        return "past_key_values"
+
+
 def find_cache(args, kwargs) -> Cache | None:
     for value in kwargs.values():
         if isinstance(value, Cache):

@@ -18,7 +18,7 @@ import torch
 
 from sparseforge.errors import UserInputError
 from sparseforge.methods.base import RuntimeState
-from sparseforge.methods.kv.base import KVPress, attached_press, cache_bytes, full_cache_bytes
+from sparseforge.methods.kv.base import KVPress, attached_press, cache_argument, cache_bytes, full_cache_bytes
 
 
 @dataclasses.dataclass
@@ -74,6 +74,7 @@ def generate_with_press(
     device = next(model.parameters()).device
     input_ids = input_ids.to(device)
     keep_last = {"logits_to_keep": 1}
+    key = cache_argument(model)
     peak = 0
     try:
         if active is not None:
@@ -88,7 +89,7 @@ def generate_with_press(
             )
             with schedule:
                 for chunk in chunks:
-                    out = model(input_ids=chunk, past_key_values=cache, use_cache=True, **keep_last)
+                    out = model(input_ids=chunk, use_cache=True, **{key: cache}, **keep_last)
                     cache = out.past_key_values
                     peak = max(peak, cache_bytes(cache))
             token = out.logits[:, -1:].argmax(-1)
@@ -100,7 +101,7 @@ def generate_with_press(
                 if eos_token_id is not None and bool((token == eos_token_id).all()):
                     break
                 t0 = time.perf_counter()
-                out = model(input_ids=token, past_key_values=cache, use_cache=True)
+                out = model(input_ids=token, use_cache=True, **{key: cache})
                 cache = out.past_key_values
                 token = out.logits[:, -1:].argmax(-1)
                 _sync(device)

@@ -33,7 +33,7 @@ class PyramidKV(SnapKV):
     def target(self, index: int, tokens: int) -> int:
         mean = tokens * (1.0 - self.params.compression_ratio)
         n = self.num_layers()
-        if n == 1:
+        if n == 1 or self.params.compression_ratio == 0:
             return max(1, min(tokens, round(mean)))
         low = mean / self.params.beta
         high = 2 * mean - low
