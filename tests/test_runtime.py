@@ -339,3 +339,17 @@ def test_owl_and_dsnot_bases_come_from_the_method_registry():
         REGISTRY.pop(Random.name)
     with pytest.raises(UserInputError, match="allowed: magnitude, sparsegpt, wanda"):
         get_method("owl").parse_params({"base": "test-random-pruner"})
+
+
+def test_eval_runs_an_artifact_through_its_saved_kernel_stage_and_refuses_a_second(capsys, artifact, tmp_path):
+    out = tmp_path / "m.json"
+    assert main(["--quiet", "eval", "--model", str(artifact), "--tasks", "sparsity", "--json", str(out)]) == 0
+    _one_line_error(capsys, ["eval", "--model", str(artifact), "--tasks", "sparsity", "--kernel", "csr"],
+                    "one sparse-kernel stage per model")
+
+
+def test_methods_lists_lifetimes_and_registry_choices(capsys):
+    assert main(["methods"]) == 0
+    out = capsys.readouterr().out
+    assert "sparse-kernel  [kernels, runtime]" in out and "magnitude  [weights, transform]" in out
+    assert "kernel: str = 'csr'" in out and "(one of 2:4, csr)" in out

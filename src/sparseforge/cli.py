@@ -65,7 +65,7 @@ def cmd_methods(args) -> int:
     from sparseforge.recipe import presets
 
     for name, cls in all_methods().items():
-        print(f"{name}  [{cls.family}]  {cls.summary}")
+        print(f"{name}  [{cls.family}, {cls.lifetime}]  {cls.summary}")
         for p in cls.describe():
             choices = f" (one of {', '.join(p['choices'])})" if p.get("choices") else ""
             print(f"    {p['name']}: {p['type']} = {p['default']!r}  - {p['help']}{choices}")
