@@ -353,3 +353,16 @@ def test_methods_lists_lifetimes_and_registry_choices(capsys):
     out = capsys.readouterr().out
     assert "sparse-kernel  [kernels, runtime]" in out and "magnitude  [weights, transform]" in out
     assert "kernel: str = 'csr'" in out and "(one of 2:4, csr)" in out
+
+
+@pytest.mark.parametrize("params, expected", [
+    ("{kernel: dense}", "parameter 'kernel' of 'sparse-kernel' got 'dense'; allowed: 2:4, csr"),
+    ("{token_counts: 5}", "got 5; expected a list"),
+    ("{token_counts: [0, 8]}", "token_counts must be a non-empty list of positive integers"),
+    ("{repeats: 0}", "repeats must be >= 1"),
+    ("{margin: 1.5}", "margin 1.5 must be in [0, 1)"),
+])
+def test_sparse_kernel_params_are_checked_with_the_recipe_line(params, expected):
+    with pytest.raises(UserInputError) as err:
+        parse_recipe(f"stages:\n  - method: sparse-kernel\n    params: {params}\n", "r.yaml")
+    assert str(err.value).startswith("r.yaml:3: ") and expected in str(err.value)

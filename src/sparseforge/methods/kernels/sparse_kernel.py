@@ -14,7 +14,7 @@ from sparseforge.methods.base import RuntimeMethod, RuntimeState, param, registe
 @dataclasses.dataclass
 class SparseKernelParams:
     kernel: str = param("csr", "sparse kernel that multiplies the routed projections", kernel_names)
-    token_counts: list = param([1, 16, 128, 512], "token counts per product at which the gate times sparse against dense")
+    token_counts: list[int] = param([1, 16, 128, 512], "token counts per product at which the gate times sparse against dense")
     repeats: int = param(10, "timed calls per (shape, token count); the gate keeps the median")
     warmup: int = param(3, "untimed calls before timing")
     margin: float = param(0.05, "sparse is chosen only where it was faster than dense by more than this fraction")
