@@ -1,7 +1,8 @@
 """The contract every registered method keeps, whatever its family (methods added later are covered as soon as
-they register): the stage report's schema, a save -> load round trip that gives back the same weights, the same
-runtime state and the same logits, and for runtime methods that detaching leaves the model computing exactly
-what it computed before the stage was attached. Each method runs with its `example_params()` on a tiny Llama."""
+they register): the stage report's schema; a save -> load round trip, in dense and compact storage, that gives
+back the same weights, the same runtime state, the same logits and the same greedy tokens; and for runtime
+methods, that detaching leaves the model computing exactly what it computed before the stage was attached.
+Each method runs with its `example_params()` on a tiny Llama."""
 from __future__ import annotations
 
 import json
@@ -44,8 +45,9 @@ def _plain_state(model) -> dict:
         return {k: v.clone() for k, v in model.state_dict().items()}
 
 
+@pytest.mark.parametrize("storage", ["dense", "compact"])
 @pytest.mark.parametrize("name", sorted(METHODS))
-def test_method_contract(name, tokenizer, tmp_path):
+def test_method_contract(name, storage, tokenizer, tmp_path):
     cls = METHODS[name]
     params = cls.parse_params(cls.example_params(), f"{name}.example_params()")
     recipe = Recipe(f"contract-{name}", [Stage(name, params)], CalibrationConfig(**CALIBRATION))
@@ -70,7 +72,7 @@ def test_method_contract(name, tokenizer, tmp_path):
 
     # Save -> load: the same plain weights, the same runtime state, the same logits.
     logits, tokens = _logits(compressed, ids), _generated(compressed, ids)
-    sparseforge.save(compressed, tmp_path / "artifact", tokenizer, recipe=recipe)
+    sparseforge.save(compressed, tmp_path / "artifact", tokenizer, recipe=recipe, storage=storage)
     loaded = sparseforge.load(tmp_path / "artifact")
     expected, got = _plain_state(compressed), _plain_state(loaded)
     assert got.keys() == expected.keys()
