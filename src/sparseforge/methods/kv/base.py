@@ -35,6 +35,7 @@ from torch import nn
 
 from sparseforge.core.adapter import ModelAdapter
 from sparseforge.errors import UserInputError
+from sparseforge.eval.perplexity import cache_argument  # noqa: F401  (re-exported for the family)
 from sparseforge.methods.base import RuntimeMethod, RuntimeState, param
 
 try:
@@ -261,16 +262,6 @@ def _configs(model) -> list:
         if cfg is not None and all(cfg is not c for c in found):
             found.append(cfg)
     return found
-
-
-def cache_argument(model) -> str:
-    """The keyword a model's forward takes its cache by: `cache` in transformers >= 5.24, `past_key_values` before."""
-    import inspect
-
-    try:
-        return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
-    except (TypeError, ValueError):
-        return "past_key_values"
 
 
 def find_cache(args, kwargs) -> Cache | None:
