@@ -366,3 +366,18 @@ def test_sparse_kernel_params_are_checked_with_the_recipe_line(params, expected)
     with pytest.raises(UserInputError) as err:
         parse_recipe(f"stages:\n  - method: sparse-kernel\n    params: {params}\n", "r.yaml")
     assert str(err.value).startswith("r.yaml:3: ") and expected in str(err.value)
+
+
+def test_compress_copies_a_model_with_hooks_attached_without_touching_it(tokenizer, offset_method):
+    # compress copies the model with its runtime stages detached: a hook's closure is not deep-copied, so a
+    # copied hook could still act on (or through) the original's modules.
+    recipe = parse_recipe("stages:\n  - method: test-final-offset\n")
+    model, _ = sparseforge.compress(tiny_model("llama"), recipe, tokenizer, progress=False)
+    with_offset = _logits(model, IDS)
+    magnitude = parse_recipe("stages:\n  - method: magnitude\n")
+    again, _ = sparseforge.compress(model, magnitude, tokenizer, progress=False)
+    assert torch.equal(_logits(model, IDS), with_offset) and len(sparseforge.runtime_stages(model)) == 1
+    assert not again.model.norm._forward_hooks and not hasattr(again.model.norm, "test_offset")
+    sparseforge.detach_runtime(model)
+    magnitude_only, _ = sparseforge.compress(model, magnitude, tokenizer, progress=False)
+    assert torch.equal(_logits(again, IDS), _logits(magnitude_only, IDS))

@@ -119,8 +119,12 @@ def compress(model=None, recipe: Recipe | str | None = None, tokenizer=None, dev
         model = load_model(model)
     elif not inplace and offload_store(model) is None:
         # A disk-offloaded model is always compressed in place: its layers change in scratch files, never in
-        # the checkpoint it was loaded from.
-        model = copy.deepcopy(model)
+        # the checkpoint it was loaded from. The copy is taken with the runtime stages detached: hooks' closures
+        # are not deep-copied and would keep acting on the original's modules.
+        from sparseforge.formats.runtime_state import detached
+
+        with detached(model):
+            model = copy.deepcopy(model)
     _check_targets(model, recipe)
     if offload_store(model) is not None and any(get_method(s.method).lifetime == "runtime" for s in recipe.stages):
         raise UserInputError("runtime stages run the whole model, which a disk-offloaded model cannot; compress the transforms "
