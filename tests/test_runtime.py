@@ -381,3 +381,17 @@ def test_compress_copies_a_model_with_hooks_attached_without_touching_it(tokeniz
     sparseforge.detach_runtime(model)
     magnitude_only, _ = sparseforge.compress(model, magnitude, tokenizer, progress=False)
     assert torch.equal(_logits(again, IDS), _logits(magnitude_only, IDS))
+
+
+def test_state_tensors_that_share_storage_are_saved(tmp_path, tokenizer, offset_method, monkeypatch):
+    base = torch.arange(12.0)
+
+    def calibrate(self, model, context):
+        return RuntimeState(tensors={"offset": torch.zeros(model.config.hidden_size), "a": base[:6], "b": base[6:]},
+                            data={"hidden": model.config.hidden_size})
+
+    monkeypatch.setattr(FinalOffset, "calibrate", calibrate)
+    model, _ = sparseforge.compress(tiny_model("llama"), parse_recipe("stages:\n  - method: test-final-offset\n"), tokenizer, progress=False)
+    sparseforge.save(model, tmp_path / "a", tokenizer)
+    state = sparseforge.runtime_stages(sparseforge.load(tmp_path / "a"))[0].state
+    assert torch.equal(state.tensors["a"], base[:6]) and torch.equal(state.tensors["b"], base[6:])

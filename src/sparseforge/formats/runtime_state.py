@@ -50,7 +50,8 @@ def write(directory: pathlib.Path, stages: list) -> dict[str, Any]:
         for name, t in state.tensors.items():
             if not isinstance(t, torch.Tensor):
                 raise ValueError(f"runtime stage {i + 1} ({attached.stage['method']}): state tensor '{name}' is a {type(t).__name__}")
-            tensors[f"{i}.{name}"] = t.detach().to("cpu").contiguous()
+            # A copy of its own: safetensors refuses tensors that share storage (views of one state tensor).
+            tensors[f"{i}.{name}"] = t.detach().to("cpu").clone(memory_format=torch.contiguous_format)
         entries.append({**{k: attached.stage[k] for k in ("method", "params", "targets", "ignore")},
                         "data": data, "tensors": sorted(state.tensors)})
     if tensors:
