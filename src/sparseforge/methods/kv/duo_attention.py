@@ -137,6 +137,10 @@ class DuoAttention(KVPress):
         self.retrieval: torch.Tensor | None = None
 
     @classmethod
+    def example_params(cls) -> dict:
+        return {"compression_ratio": 0.5, "window": 8, "calibration_length": 128, "calibration_episodes": 2}
+
+    @classmethod
     def validate(cls, params, where=""):
         super().validate(params, where)
         w = f"{where}: " if where else ""
