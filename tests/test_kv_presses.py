@@ -40,11 +40,14 @@ _MODELS: dict = {}
 def kv_model(arch: str):
     """Tiny model as in tiny_models, but Mistral without its sliding window (sliding layers are left unpressed)."""
     if arch not in _MODELS:
-        kwargs = dict(ARCHITECTURES[arch], vocab_size=VOCAB, max_position_embeddings=512)
-        if arch == "mistral":
+        base, _, impl = arch.partition(":")  # "llama:eager": the same model on eager attention
+        kwargs = dict(ARCHITECTURES[base], vocab_size=VOCAB, max_position_embeddings=512)
+        if base == "mistral":
             kwargs["sliding_window"] = None
         torch.manual_seed(0)
-        _MODELS[arch] = transformers.AutoModelForCausalLM.from_config(transformers.CONFIG_MAPPING[arch](**kwargs)).eval()
+        config = transformers.CONFIG_MAPPING[base](**kwargs)
+        extra = {"attn_implementation": impl} if impl else {}
+        _MODELS[arch] = transformers.AutoModelForCausalLM.from_config(config, **extra).eval()
     return _MODELS[arch]
 
 
@@ -113,7 +116,7 @@ def _plain_cache_like(cache) -> DynamicCache:
     return plain
 
 
-@pytest.mark.parametrize("arch", ["llama", "phi3", "gpt_neox"])
+@pytest.mark.parametrize("arch", ["llama", "phi3", "gpt_neox", "llama:eager"])
 @pytest.mark.parametrize("name", UNIFORM)
 def test_compressed_cache_agrees_with_plain_cache_of_kept_tokens(arch, name):
     """Next forwards on the pressed cache equal a plain cache holding the kept tokens, with positions that
@@ -133,9 +136,10 @@ def test_compressed_cache_agrees_with_plain_cache_of_kept_tokens(arch, name):
     torch.testing.assert_close(out.logits, ref.logits, rtol=1e-4, atol=1e-5)
 
 
-def test_pyramid_layers_of_different_lengths_agree_with_per_layer_reference():
+@pytest.mark.parametrize("arch", ["llama", "llama:eager"])
+def test_pyramid_layers_of_different_lengths_agree_with_per_layer_reference(arch):
     """Per-layer budgets: a one-token step on the pressed cache equals a plain cache of the kept tokens."""
-    model = kv_model("llama")
+    model = kv_model(arch)
     p = press("pyramidkv", compression_ratio=0.5, beta=4.0)
     p.attach(model)
     try:
@@ -146,13 +150,15 @@ def test_pyramid_layers_of_different_lengths_agree_with_per_layer_reference():
         more = run(model, ids(4, 4), cache)  # multi-token forward over layers of different lengths: masks rebuilt
     finally:
         p.detach(model)
+    # The reference runs on sdpa (same weights): an eager model sizes one mask for all layers, which a plain cache
+    # with layers of different lengths cannot satisfy; that is what the press's mask rebuild is for.
     with torch.no_grad():
-        ref = model(input_ids=ids(1, 3), cache=plain, use_cache=True, position_ids=torch.tensor([[48]]))
+        ref = kv_model("llama")(input_ids=ids(1, 3), cache=plain, use_cache=True, position_ids=torch.tensor([[48]]))
     torch.testing.assert_close(out.logits, ref.logits, rtol=1e-4, atol=1e-5)
     assert torch.isfinite(more.logits).all()
 
 
-@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("arch", ARCHS + ["llama:eager"])
 def test_ratio_zero_and_detach_are_bit_identical(arch):
     model = kv_model(arch)
     tokens, follow, step = ids(40), ids(6, 1), ids(1, 2)
@@ -341,3 +347,20 @@ def test_bad_runtime_input_raises():
             press("knorm").attach(model)
     finally:
         p.detach(model)
+
+
+def test_hybrid_model_presses_its_full_attention_layers_only():
+    """Gemma-2 (eager attention, alternating sliding and full layers): sliding layers are left as they are."""
+    from tiny_models import tiny_model
+
+    model = tiny_model("gemma2")
+    p = press("snapkv", compression_ratio=0.5)
+    p.attach(model)
+    try:
+        cache = run(model, ids(64)).past_key_values
+        out = run(model, ids(3, 1), cache)
+    finally:
+        p.detach(model)
+    kinds = [type(layer).__name__ for layer in cache.layers]
+    assert kinds == ["DynamicSlidingWindowLayer", "PressLayer"]
+    assert cache.layers[1].held() == 32 + 3 and torch.isfinite(out.logits).all()

@@ -234,9 +234,25 @@ def _fit_mask(mask, query: torch.Tensor, kv_len: int):
 def _wrapped_attention(module, query, key, value, attention_mask, **kwargs):
     hook: _ModuleHook | None = getattr(module, "_sparseforge_kv_hook", None)
     if hook is None:  # a module of the same config that no press attached to
-        inner = ALL_ATTENTION_FUNCTIONS[_inner_name(module)]
+        inner = _inner_function(module, _inner_name(module))
         return inner(module, query, key, value, attention_mask, **kwargs)
     return hook.attend(module, query, key, value, attention_mask, **kwargs)
+
+
+def _inner_function(module, name: str):
+    """The attention function `name` means for `module`. "eager" is not in transformers' registry: every model
+    file defines its own `eager_attention_forward` (softcapping, sinks, ...), found here by that name in the
+    module's own source module."""
+    if name != "eager" and name in ALL_ATTENTION_FUNCTIONS:
+        return ALL_ATTENTION_FUNCTIONS[name]
+    import sys
+
+    eager = getattr(sys.modules.get(type(module).__module__), "eager_attention_forward", None)
+    if eager is None:
+        raise UserInputError(
+            f"cannot find the eager attention of {type(module).__name__}; load the model with attn_implementation='sdpa'"
+        )
+    return eager
 
 
 def _inner_name(module) -> str:
@@ -280,12 +296,12 @@ class _ModuleHook:
 
     press: "KVPress"
     index: int
-    inner: str
+    inner: Any  # the attention function the model would have called
     layer: Any = None  # the cache layer of the forward in flight (set by the pre-hook)
     queries: torch.Tensor | None = None  # the last queries the press asked for, from this forward
 
     def attend(self, module, query, key, value, attention_mask, **kwargs):
-        inner = ALL_ATTENTION_FUNCTIONS[self.inner]
+        inner = self.inner
         layer = self.layer
         want = self.press.query_window if layer is not None else 0
         if want:
@@ -364,6 +380,11 @@ class KVPress(RuntimeMethod):
     def after_forward(self, module, layer, queries, index: int, cache) -> None:
         if not isinstance(layer, PressLayer):
             return
+        if self.query_window and queries is None:
+            raise UserInputError(
+                f"press '{self.name}' scores with the model's queries, which it takes from transformers' "
+                f"AttentionInterface, but {type(module).__name__} did not call it; use streaming_llm, knorm or kivi"
+            )
         self.observe(module, layer, queries, index)
         n_new = layer.last_update
         before = layer.seen - n_new
@@ -412,7 +433,7 @@ class KVPress(RuntimeMethod):
             cfg._attn_implementation = name
         for i, module in enumerate(modules):
             index = getattr(module, "layer_idx", i)
-            module._sparseforge_kv_hook = _ModuleHook(self, index if isinstance(index, int) else i, inner)
+            module._sparseforge_kv_hook = _ModuleHook(self, index if isinstance(index, int) else i, _inner_function(module, inner))
             self._hooks.append(module.register_forward_pre_hook(self._pre_hook, with_kwargs=True))
             self._hooks.append(module.register_forward_hook(self._post_hook, with_kwargs=True))
         self._modules = modules
