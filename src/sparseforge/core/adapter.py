@@ -3,7 +3,9 @@
 A `Projection` is one weight matrix (or a stack of expert matrices) seen in a single orientation,
 `[..., out_features, in_features]`, whatever its module stores: `nn.Linear` keeps `[out, in]`, GPT-2's
 `Conv1D` keeps `[in, out]`, and fused mixture-of-experts modules (Mixtral in transformers 5) keep 3-D
-parameters `[experts, out, in]`.
+parameters `[experts, out, in]`. `AttentionLayout` and `MLPLayout` say which projections of a layer play which
+role (q/k/v/o, gate/up/down, ...) with the head geometry: what structured pruning cuts and what cache and
+attention methods address.
 """
 from __future__ import annotations
 
@@ -137,7 +139,7 @@ class MLPLayout:
     inputs: tuple[str, ...] = ()
     output: str | None = None
     output_candidates: tuple[str, ...] = ()  # everything named like an output; more than one is ambiguous
-    roles: dict = dataclasses.field(default_factory=dict)
+    roles: dict = dataclasses.field(default_factory=dict, hash=False)
     width: int = 0
     hidden: int = 0
     experts: bool = False  # fused expert stacks (Mixtral): no per-channel nn.Linear layout
