@@ -169,6 +169,11 @@ class KVPressParams:
     compression_ratio: float = param(0.5, "fraction of the prompt's cached tokens removed per KV head, in [0, 1) (kvpress's convention)")
 
 
+def prefix(where: str) -> str:
+    """`where` as the start of an error message ("file:line: "), whether or not it already ends with ': '."""
+    return where if not where or where.endswith(": ") else f"{where}: "
+
+
 def check_ratio(value: float, where: str, name: str = "compression_ratio") -> None:
     if not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
         raise UserInputError(f"{where}{name} must lie in [0, 1), got {value!r}; 0.75 keeps a quarter of the cache")
@@ -221,7 +226,7 @@ def _suffix_causal_mask(q_len: int, kv_len: int, like: torch.Tensor | None, dtyp
     return torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill(~allowed, torch.finfo(dtype).min)
 
 
-def _fit_mask(mask, query: torch.Tensor, kv_len: int):
+def fit_mask(mask, query: torch.Tensor, kv_len: int):
     """The model's mask if it fits this layer's keys, else one rebuilt for them (None where none is needed)."""
     q_len = query.shape[2]
     if mask is not None and mask.shape[-1] == kv_len and mask.shape[-2] == q_len:
@@ -308,7 +313,7 @@ class _ModuleHook:
             self.queries = query if want < 0 else query[:, :, -want:]
         if layer is not None and hasattr(layer, "attend"):
             return layer.attend(inner, module, query, key, value, attention_mask, **kwargs)
-        return inner(module, query, key, value, _fit_mask(attention_mask, query, key.shape[-2]), **kwargs)
+        return inner(module, query, key, value, fit_mask(attention_mask, query, key.shape[-2]), **kwargs)
 
 
 # ----------------------------------------------------------------------------- the press base
@@ -350,9 +355,8 @@ class KVPress(RuntimeMethod):
 
     @classmethod
     def validate(cls, params, where: str = "") -> None:
-        where = f"{where}: " if where and not where.endswith(": ") else where
         if hasattr(params, "compression_ratio"):
-            check_ratio(params.compression_ratio, where)
+            check_ratio(params.compression_ratio, prefix(where))
 
     # ---- what a press defines
 

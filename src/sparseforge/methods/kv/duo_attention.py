@@ -20,7 +20,7 @@ from sparseforge.data import read_text
 from sparseforge.data.synthetic import episodes
 from sparseforge.errors import UserInputError
 from sparseforge.methods.base import RuntimeState, param, register
-from sparseforge.methods.kv.base import KVPress, KVPressParams, PressLayer, _fit_mask, attention_mass, check_positive
+from sparseforge.methods.kv.base import KVPress, KVPressParams, PressLayer, attention_mass, check_positive, fit_mask, prefix
 
 
 class HeadSplitLayer(PressLayer):
@@ -82,7 +82,7 @@ class HeadSplitLayer(PressLayer):
                 continue
             q_idx = (kv_idx[:, None] * group + torch.arange(group, device=kv_idx.device)).flatten()
             q = query.index_select(1, q_idx)
-            o, _ = inner(module, q, k, v, _fit_mask(attention_mask, q, k.shape[-2]), **kwargs)
+            o, _ = inner(module, q, k, v, fit_mask(attention_mask, q, k.shape[-2]), **kwargs)
             if out is None:
                 out = o.new_empty(o.shape[0], o.shape[1], query.shape[1], o.shape[3])
             out[:, :, q_idx] = o
@@ -143,7 +143,7 @@ class DuoAttention(KVPress):
     @classmethod
     def validate(cls, params, where=""):
         super().validate(params, where)
-        w = f"{where}: " if where else ""
+        w = prefix(where)
         check_positive(params.n_sink, w, "n_sink", minimum=0)
         check_positive(params.window, w, "window")
         check_positive(params.calibration_length, w, "calibration_length", minimum=64)

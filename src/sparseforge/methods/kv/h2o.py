@@ -8,7 +8,7 @@ import torch
 
 from sparseforge.errors import UserInputError
 from sparseforge.methods.base import param, register
-from sparseforge.methods.kv.base import KVPress, KVPressParams, attention_mass, recent_bonus
+from sparseforge.methods.kv.base import KVPress, KVPressParams, attention_mass, prefix, recent_bonus
 
 
 @dataclasses.dataclass
@@ -28,7 +28,7 @@ class H2O(KVPress):
     def validate(cls, params, where=""):
         super().validate(params, where)
         if not 0.0 <= params.recent_fraction <= 1.0:
-            raise UserInputError(f"{where}{': ' if where else ''}recent_fraction must lie in [0, 1], got {params.recent_fraction!r}")
+            raise UserInputError(f"{prefix(where)}recent_fraction must lie in [0, 1], got {params.recent_fraction!r}")
 
     def observe(self, module, layer, queries, index):
         if queries is None:

@@ -24,7 +24,7 @@ import torch
 
 from sparseforge.errors import UserInputError
 from sparseforge.methods.base import param, register
-from sparseforge.methods.kv.base import KVPress, PressLayer, check_positive, check_ratio
+from sparseforge.methods.kv.base import KVPress, PressLayer, check_positive, check_ratio, prefix
 
 _BITS = (2, 4, 8)
 
@@ -200,7 +200,7 @@ class KIVI(KVPress):
 
     @classmethod
     def validate(cls, params, where=""):
-        w = f"{where}: " if where and not where.endswith(": ") else where
+        w = prefix(where)
         for name in ("bits", "low_bits"):
             if getattr(params, name) not in _BITS:
                 raise UserInputError(f"{w}{name} must be one of {', '.join(map(str, _BITS))}, got {getattr(params, name)!r}")

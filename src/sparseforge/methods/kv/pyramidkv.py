@@ -7,6 +7,7 @@ import dataclasses
 
 from sparseforge.errors import UserInputError
 from sparseforge.methods.base import param, register
+from sparseforge.methods.kv.base import prefix
 from sparseforge.methods.kv.snapkv import SnapKV, SnapKVParams
 
 
@@ -25,7 +26,7 @@ class PyramidKV(SnapKV):
     def validate(cls, params, where=""):
         super().validate(params, where)
         if not isinstance(params.beta, (int, float)) or params.beta < 1:
-            raise UserInputError(f"{where}{': ' if where else ''}beta must be >= 1, got {params.beta!r}")
+            raise UserInputError(f"{prefix(where)}beta must be >= 1, got {params.beta!r}")
 
     def num_layers(self) -> int:
         return max(1, len(self._modules))

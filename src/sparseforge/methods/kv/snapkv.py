@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from sparseforge.methods.base import param, register
-from sparseforge.methods.kv.base import KVPress, KVPressParams, attention_mass, check_positive
+from sparseforge.methods.kv.base import KVPress, KVPressParams, attention_mass, check_positive, prefix
 
 
 @dataclasses.dataclass
@@ -32,7 +32,7 @@ class SnapKV(KVPress):
     @classmethod
     def validate(cls, params, where=""):
         super().validate(params, where)
-        w = f"{where}: " if where else ""
+        w = prefix(where)
         check_positive(params.window_size, w, "window_size")
         check_positive(params.kernel_size, w, "kernel_size")
         if params.kernel_size % 2 == 0:

@@ -6,7 +6,7 @@ import dataclasses
 import torch
 
 from sparseforge.methods.base import param, register
-from sparseforge.methods.kv.base import KVPress, KVPressParams, check_positive
+from sparseforge.methods.kv.base import KVPress, KVPressParams, check_positive, prefix
 
 
 @dataclasses.dataclass
@@ -24,7 +24,7 @@ class StreamingLLM(KVPress):
     @classmethod
     def validate(cls, params, where=""):
         super().validate(params, where)
-        check_positive(params.n_sink, f"{where}: " if where else "", "n_sink", minimum=0)
+        check_positive(params.n_sink, prefix(where), "n_sink", minimum=0)
 
     def score(self, module, layer, queries, index):
         # Held tokens stay in arrival order, so the index is the age; sinks outrank everything.
