@@ -295,7 +295,9 @@ def test_run_tasks_unknown_name_lists_known(llama, tokenizer, text):
 
 
 def test_run_tasks_merges_flat_metrics(llama, tokenizer, text, tmp_path):
-    assert set(DEFAULT_TASKS) == set(TASKS)
+    # Changed with issue 10: the KV-cache tasks are registered but opt-in, so DEFAULT_TASKS is a subset.
+    assert set(DEFAULT_TASKS) < set(TASKS)
+    assert set(TASKS) - set(DEFAULT_TASKS) == {"passkey_agnostic", "multikey_agnostic", "kv_perplexity", "kv_efficiency"}
     ctx = EvalContext(llama, tokenizer, text=text, settings=FAST_SETTINGS)
     m = run_tasks(ctx, DEFAULT_TASKS)
     for key in ("perplexity", "passkey_accuracy", "passkey_by_length", "passkey_by_depth", "multikey_accuracy",
@@ -316,3 +318,148 @@ def test_environment_fields(llama):
     env = environment(llama)
     assert set(env) == {"python", "torch", "transformers", "platform", "cpu", "cpu_count", "device"}
     assert env["device"] == "cpu" and env["torch"] == torch.__version__
+
+
+# ---------------------------------------------------------------- through the KV cache (issue 10)
+
+
+class RecordingOracle(Oracle):
+    """The peeking oracle, recording the length of every forward (to see where the cache split falls)."""
+
+    def __init__(self):
+        super().__init__(shift=1)
+        self.lengths = []
+
+    def forward(self, input_ids, **kwargs):
+        self.lengths.append(input_ids.shape[1])
+        return super().forward(input_ids, **kwargs)
+
+
+@pytest.mark.parametrize("task", ["passkey", "multikey"])
+def test_retrieval_runs_through_the_cache_in_both_modes(tokenizer, text, task):
+    from sparseforge.data.synthetic import episodes
+
+    one = dict(lengths=(128,), depths=(0.5,), per_cell=1)
+    ep = episodes(task, tokenizer, text, [128], [0.5], 1, 0)[0]
+    for mode, split in (("aware", ep.answer_start - 1), ("agnostic", ep.question_start)):
+        oracle = RecordingOracle()
+        r = retrieval_accuracy(oracle, tokenizer, task, filler_text=text, mode=mode, **one)
+        assert r["accuracy"] == 1.0
+        assert oracle.lengths == [split, 128 - split]  # prefill into the cache, then the rest from it
+    assert 0 < ep.question_start < ep.answer_start - 1
+    with pytest.raises(UserInputError, match="mode"):
+        retrieval_accuracy(Oracle(), tokenizer, task, filler_text=text, mode="both", **one)
+
+
+def test_cached_retrieval_predicts_like_a_full_forward(llama, tokenizer, text):
+    """Through the cache, each answer prediction equals the one of a single no-cache forward pass."""
+    from sparseforge.data.synthetic import episodes
+
+    eps = episodes("passkey", tokenizer, text, [128], [0.0, 1.0], 2, 0)
+    r = retrieval_accuracy(llama, tokenizer, "passkey", (128,), (0.0, 1.0), 2, 0, filler_text=text, mode="agnostic")
+    hits = []
+    with torch.no_grad():
+        for ep in eps:
+            ids = torch.tensor([ep.input_ids])
+            pred = llama(input_ids=ids, use_cache=False).logits[0, ep.answer_start - 1 : -1].argmax(-1)
+            hits.append(bool((pred == ids[0, ep.answer_start :]).all()))
+    assert r["accuracy"] == sum(hits) / len(hits)
+
+
+def test_an_attached_press_is_measured_by_retrieval(tokenizer, text):
+    from sparseforge.methods import get_method
+
+    model = tiny_model("llama")
+    cls = get_method("streaming_llm")
+    press = cls(cls.parse_params({"compression_ratio": 0.9}))
+    press.attach(model)
+    try:
+        retrieval_accuracy(model, tokenizer, "passkey", (128,), (0.5,), 1, 0, filler_text=text, mode="agnostic")
+        assert press.peak_cache_bytes > 0  # set when a layer is compressed
+    finally:
+        press.detach(model)
+
+
+def test_kv_perplexity_without_press_is_full_context_perplexity(llama, tokenizer, text):
+    from sparseforge.eval import kv_perplexity
+
+    full = perplexity(llama, tokenizer, text, window=200, max_tokens=200)
+    for chunk in (1, 37, 64, 500):
+        r = kv_perplexity(llama, tokenizer, text, chunk=chunk, max_tokens=200)
+        assert r["kv_perplexity_tokens_scored"] == 199
+        assert r["kv_perplexity"] == pytest.approx(full["perplexity"], rel=1e-5)
+    with pytest.raises(UserInputError, match="chunk"):
+        kv_perplexity(llama, tokenizer, text, chunk=0)
+
+
+def test_kv_perplexity_compresses_as_it_goes(tokenizer, text):
+    from sparseforge.eval import kv_perplexity
+    from sparseforge.methods import get_method
+
+    model = tiny_model("llama")
+    dense = kv_perplexity(model, tokenizer, text, chunk=32, max_tokens=256)
+    cls = get_method("streaming_llm")
+    press = cls(cls.parse_params({"compression_ratio": 0.75, "n_sink": 4}))
+    press.attach(model)
+    try:
+        r = kv_perplexity(model, tokenizer, text, chunk=32, max_tokens=256)
+    finally:
+        press.detach(model)
+    assert r["kv_perplexity_tokens_scored"] == 255
+    assert r["kv_perplexity"] != pytest.approx(dense["kv_perplexity"], rel=1e-6)
+    # After the last chunk the cache holds round(256 * 0.25) tokens; before it, at most that of 224 plus a chunk.
+    per_token = dense["kv_perplexity_peak_cache_bytes"] // 256
+    assert r["kv_perplexity_peak_cache_bytes"] <= per_token * (56 + 32)
+
+
+def test_peak_allocated_counts_live_operator_outputs():
+    from sparseforge.eval import peak_allocated
+
+    def work():
+        a = torch.ones(1 << 20)  # 4 MiB
+        b = torch.ones(1 << 21)  # 8 MiB
+        del a
+        c = torch.ones(1 << 20)  # reuses a's share of the peak
+        return b + 0 if c is not None else b  # a fourth 8 MiB: peak b + c + result
+
+    result, peak = peak_allocated(work, "cpu")
+    assert peak == (8 + 4 + 8) * 2**20
+    assert result.numel() == 1 << 21
+
+
+def test_kv_efficiency_reports_both_phases_and_a_smaller_cache_with_a_press(tokenizer, text):
+    from sparseforge.eval import kv_efficiency
+    from sparseforge.methods import get_method
+
+    model = tiny_model("llama")
+    prompt = torch.tensor([encode(tokenizer, text, 400)])
+    dense = kv_efficiency(model, prompt, new_tokens=4)
+    cls = get_method("snapkv")
+    press = cls(cls.parse_params({"compression_ratio": 0.75, "window_size": 16}))
+    press.attach(model)
+    try:
+        one = kv_efficiency(model, prompt, new_tokens=4)
+        chunked = kv_efficiency(model, prompt, new_tokens=4, chunk_size=50)
+    finally:
+        press.detach(model)
+    for r in (dense, one, chunked):
+        assert r["kv_prefill_peak_bytes"] > 0 and r["kv_decode_peak_bytes"] > 0
+        assert r["kv_prefill_peak_rss_bytes"] > 0 and r["kv_ttft_s"] > 0 and r["kv_tpot_s"] > 0
+    assert dense["kv_cache_bytes"] == dense["kv_cache_full_bytes"] == dense["kv_cache_peak_bytes"]
+    assert one["kv_cache_bytes"] < 0.3 * one["kv_cache_full_bytes"]
+    # One-shot prefill: each layer is pruned right after its attention, so the peak is the last layer holding the
+    # whole prompt (400 tokens) while the first holds its budget (100): half of 400 tokens' bytes, plus an eighth.
+    layer_400 = dense["kv_cache_bytes"] * 400 // 403 // 2
+    assert one["kv_cache_peak_bytes"] == layer_400 + layer_400 // 4
+    assert chunked["kv_cache_peak_bytes"] < 0.5 * dense["kv_cache_peak_bytes"]
+    assert chunked["kv_prefill_peak_bytes"] < dense["kv_prefill_peak_bytes"]
+    assert chunked["kv_decode_peak_bytes"] < dense["kv_decode_peak_bytes"]
+
+
+def test_kv_tasks_through_run_tasks(llama, tokenizer, text):
+    settings = dict(FAST_SETTINGS, kv_chunk=32, kv_max_tokens=128, kv_prompt_len=100, kv_new_tokens=3)
+    m = run_tasks(EvalContext(llama, tokenizer, text=text, settings=settings), "passkey_agnostic,multikey_agnostic,kv_perplexity,kv_efficiency")
+    for key in ("passkey_agnostic_accuracy", "multikey_agnostic_by_depth", "kv_perplexity", "kv_prefill_peak_bytes",
+                "kv_decode_peak_bytes", "kv_cache_peak_bytes", "kv_ttft_s", "kv_tpot_s"):
+        assert key in m, key
+    assert m["kv_prompt_len"] == 100 and m["kv_stage"] is None

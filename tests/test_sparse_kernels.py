@@ -71,7 +71,12 @@ def test_2of4_module_falls_back_to_the_dense_product_off_gpu():
     x = torch.randn(3, 5, 64)
     assert torch.equal(mod(x), lin(x))
     assert set(mod.state_dict()) == set(lin.state_dict()) and mod.weight is lin.weight
-    assert mod.uses_sparse(4096) == semi_structured_supported()  # float32 weights: never on CPU
+    # The 2:4 product needs float16/bfloat16 weights on a CUDA GPU of capability >= 8.0; this float32 CPU layer
+    # therefore multiplies densely on every machine, a capable GPU included, whatever its gate says.
+    assert not mod.uses_sparse(4096)
+    assert not kernel.supports(torch.device("cpu"), torch.float16)
+    assert not kernel.supports(torch.device("cuda"), torch.float32)
+    assert kernel.supports(torch.device("cuda"), torch.float16) == semi_structured_supported()
     with pytest.raises(UserInputError, match="2:4"):
         SparseLinear(nn.Linear(64, 32), kernel, _gate())  # dense weight
     pruned_odd = nn.Linear(64, 20)

@@ -1,8 +1,9 @@
-"""The user's main job in Python: compress, evaluate, save, load."""
+"""The user's main job in Python: compress, evaluate, save, load; and the runtime stages a model carries."""
 from __future__ import annotations
 
 import copy
 import datetime
+import json
 import os
 import time
 from typing import Iterable
@@ -13,19 +14,80 @@ from sparseforge.core.offload import offload_store
 from sparseforge.errors import UserInputError
 from sparseforge.formats.artifact import load_model, load_tokenizer, save
 from sparseforge.methods import get_method
-from sparseforge.recipe import Recipe, load_recipe
+from sparseforge.methods.base import AttachedStage, RuntimeContext, attach_stages, attached_stages, detach_stages
+from sparseforge.recipe import Recipe, check_stage_order, load_recipe
 
-__all__ = ["compress", "evaluate", "load", "load_tokenizer", "save", "results_document"]
+__all__ = ["compress", "evaluate", "load", "load_tokenizer", "save", "results_document", "attach_runtime", "detach_runtime",
+           "runtime_stages", "attach_method"]
 
 
 def load(path_or_hub_id: str | os.PathLike | None = None, device: str | None = None, dtype=None, offload: bool | str | os.PathLike = False,
-         trust_remote_code: bool = False):
+         trust_remote_code: bool = False, runtime: bool = True):
     """A causal LM from a directory, a sparseforge artifact or a hub id (None: the bundled reference model).
 
+    runtime=True attaches the runtime stages saved with an artifact (KV presses, sparse kernels, ...), so the
+    model runs as compressed; runtime=False gives the plain weights.
     offload=True (or a scratch directory): keep the decoder layers on disk and hold one at a time in memory
     while compressing; such a model can be compressed and saved, not run (save it, then load the result).
     trust_remote_code=True lets a model that ships its own Python modelling code run it (refused otherwise)."""
-    return load_model(path_or_hub_id, device=device, dtype=dtype, offload=offload, trust_remote_code=trust_remote_code)
+    from sparseforge.formats import runtime_state
+
+    model = load_model(path_or_hub_id, device=device, dtype=dtype, offload=offload, trust_remote_code=trust_remote_code)
+    if runtime and not offload:
+        runtime_state.attach_saved(model)
+    return model
+
+
+def runtime_stages(model) -> list[AttachedStage]:
+    """The runtime stages attached to `model`, in attach order (each: stage dict, method instance, state)."""
+    return attached_stages(model)
+
+
+def detach_runtime(model) -> list[AttachedStage]:
+    """Detach every runtime stage; the model then computes exactly what its plain weights compute. Returns the
+    stages, which `attach_runtime(model, stages)` attaches again."""
+    return detach_stages(model)
+
+
+def attach_runtime(model, stages: list[AttachedStage]) -> list[AttachedStage]:
+    """Attach runtime stages (as `detach_runtime` or `runtime_stages` returned them) in order, with their states."""
+    return attach_stages(model, stages)
+
+
+def attach_method(model, method: str, params: dict | None = None, targets=("*",), ignore=(), tokenizer=None,
+                  calibration=None, progress: bool = False) -> dict:
+    """Calibrate one runtime method on `model` and attach it, outside any recipe (what `--kernel` does).
+    Returns its stage report."""
+    cls = get_method(method)
+    if cls.lifetime != "runtime":
+        raise UserInputError(f"'{method}' is a {cls.lifetime} method; attach_method takes runtime methods, compress applies the rest")
+    from sparseforge.recipe import Stage
+
+    stage = Stage(cls.name, cls.parse_params(params or {}), list(targets), list(ignore))
+    return _run_stage(model, stage, tokenizer, calibration, progress)
+
+
+def _run_stage(model, stage, tokenizer, calibration, progress) -> dict:
+    """Run one recipe stage: a transform's `apply`, or a runtime method's `calibrate` then `attach`. Returns the
+    family-neutral stage report: method, family, lifetime, seconds, plus what the method itself reports."""
+    from sparseforge.core.calibration import CalibrationConfig
+
+    cls = get_method(stage.method)
+    method = cls(stage.params)
+    calibration = calibration or CalibrationConfig()
+    start = time.perf_counter()
+    if cls.lifetime == "runtime":
+        context = RuntimeContext(tokenizer, calibration, progress, list(stage.targets), list(stage.ignore))
+        state = method.calibrate(model, context)
+        attach_stages(model, [AttachedStage(stage.to_dict(), method, state)])
+        fields = method.report(state)
+    else:
+        fields = method.apply(model, tokenizer, stage.targets, stage.ignore, calibration, progress).to_json()
+    seconds = round(time.perf_counter() - start, 3)
+    # Through JSON once, so the report in memory is the one sparseforge.json gives back (OWL's int layer keys
+    # become strings). A method may name itself more precisely (OWL reports "owl+wanda").
+    fields = json.loads(json.dumps(fields))
+    return {"method": fields.pop("method", cls.name), "family": cls.family, "lifetime": cls.lifetime, **fields, "seconds": seconds}
 
 
 def _check_targets(model, recipe: Recipe) -> None:
@@ -36,7 +98,8 @@ def _check_targets(model, recipe: Recipe) -> None:
             "sparseforge's weight methods need them"
         )
     for i, stage in enumerate(recipe.stages, 1):
-        if not adapter.select(stage.targets, stage.ignore):
+        # Runtime methods interpret their globs themselves (projections, attention modules, ...).
+        if get_method(stage.method).lifetime == "transform" and not adapter.select(stage.targets, stage.ignore):
             raise UserInputError(
                 f"stage {i} ({stage.method}): targets {stage.targets} minus ignore {stage.ignore} match no linear layer; "
                 f"names look like '{next(iter(adapter.projections()))}'"
@@ -44,33 +107,41 @@ def _check_targets(model, recipe: Recipe) -> None:
 
 
 def compress(model=None, recipe: Recipe | str | None = None, tokenizer=None, device: str | None = None, progress: bool = True, inplace: bool = False):
-    """Apply a recipe's stages in order. Returns `(model, report)` where report lists what each stage did
-    and how long it took. `model` may be a loaded model or anything `load` accepts."""
+    """Apply a recipe's stages in order: a transform changes the weights, a runtime stage is calibrated on the
+    model the transforms before it produced and stays attached (saved with the model by `save`). Returns
+    `(model, report)`: report["stages"] says what each stage did (method, family, lifetime, seconds, and the
+    method's own fields) and report["compress_seconds"] the total. `model` may be a loaded model or anything
+    `load` accepts. Runtime stages the model already carried (from its artifact) are detached and dropped: the
+    new recipe says what runs."""
     if not isinstance(recipe, Recipe):
         recipe = load_recipe(recipe)
+    check_stage_order(recipe.stages)
     if model is None or isinstance(model, (str, os.PathLike)):
         tokenizer = tokenizer or load_tokenizer(model)
         model = load_model(model)
     elif not inplace and offload_store(model) is None:
         # A disk-offloaded model is always compressed in place: its layers change in scratch files, never in
-        # the checkpoint it was loaded from.
-        model = copy.deepcopy(model)
+        # the checkpoint it was loaded from. The copy is taken with the runtime stages detached: hooks' closures
+        # are not deep-copied and would keep acting on the original's modules.
+        from sparseforge.formats.runtime_state import detached
+
+        with detached(model):
+            model = copy.deepcopy(model)
     _check_targets(model, recipe)
+    if offload_store(model) is not None and any(get_method(s.method).lifetime == "runtime" for s in recipe.stages):
+        raise UserInputError("runtime stages run the whole model, which a disk-offloaded model cannot; compress the transforms "
+                             "with offload, then load the result in memory and compress again with the runtime stages")
     if device:
         recipe.calibration.device = device
     check_calibration_memory(model, recipe.calibration)
-    stages, timings = [], []
-    for stage in recipe.stages:
-        method = get_method(stage.method)(stage.params)
-        start = time.perf_counter()
-        stages.append(method.apply(model, tokenizer, stage.targets, stage.ignore, recipe.calibration, progress))
-        timings.append(round(time.perf_counter() - start, 3))
+    detach_stages(model)
+    reports = [_run_stage(model, stage, tokenizer, recipe.calibration, progress) for stage in recipe.stages]
     model.sparseforge_info = {
         **(getattr(model, "sparseforge_info", None) or {}),
         "recipe": recipe.to_dict(),
-        "stages": [s.to_json() | {"seconds": t} for s, t in zip(stages, timings)],
+        "stages": reports,
     }
-    return model, {"stages": model.sparseforge_info["stages"], "compress_seconds": round(sum(timings), 3)}
+    return model, {"stages": reports, "compress_seconds": round(sum(r["seconds"] for r in reports), 3)}
 
 
 def results_document(model_name: str, recipe: str | None, metrics: dict) -> dict:

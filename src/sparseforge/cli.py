@@ -75,10 +75,10 @@ def speed_note(metrics: dict) -> str:
             "is marked \"no measurable difference\".")
 
 
-def _say(args, *text) -> None:
+def _say(args, *text, file=None) -> None:
     """A status line: silenced by --quiet."""
     if not args.quiet:
-        print(*text, flush=True)
+        print(*text, flush=True, file=file)
 
 
 def _result(*text) -> None:
@@ -91,9 +91,10 @@ def cmd_methods(args) -> int:
     from sparseforge.recipe import presets
 
     for name, cls in all_methods().items():
-        print(f"{name}  [{cls.family}]  {cls.summary}")
+        print(f"{name}  [{cls.family}, {cls.lifetime}]  {cls.summary}")
         for p in cls.describe():
-            print(f"    {p['name']}: {p['type']} = {p['default']!r}  - {p['help']}")
+            choices = f" (one of {', '.join(p['choices'])})" if p.get("choices") else ""
+            print(f"    {p['name']}: {p['type']} = {p['default']!r}  - {p['help']}{choices}")
     print("presets: " + ", ".join(presets()))
     return 0
 
@@ -226,6 +227,63 @@ def cmd_run(args) -> int:
     return 0
 
 
+def cmd_generate(args) -> int:
+    """Load a saved model with its runtime stages attached and print the text it generates after the prompt."""
+    prompt = _generate_prompt(args)
+    if args.max_new_tokens < 1:
+        raise UserInputError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
+    if args.temperature <= 0:
+        raise UserInputError(f"--temperature must be positive, got {args.temperature}; use e.g. 0.7 (or drop --do-sample for greedy)")
+    import torch
+
+    from sparseforge import api
+    from sparseforge.formats.artifact import resolve_model_path
+
+    source = resolve_model_path(args.model)
+    try:
+        device = torch.device(args.device or "cpu")
+    except RuntimeError:
+        raise UserInputError(f"--device '{args.device}' is not a device; use e.g. cpu or cuda") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserInputError("--device cuda: no CUDA GPU is available here; use --device cpu")
+    model = api.load(args.model, device=args.device, trust_remote_code=args.trust_remote_code)
+    tokenizer = _tokenizer_or_none(args.model, model, args.trust_remote_code)
+    ids = tokenizer(prompt, return_tensors="pt")
+    limit = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", None)
+    prompt_len = ids["input_ids"].shape[1]
+    if limit and prompt_len + args.max_new_tokens > limit:
+        raise UserInputError(f"the prompt ({prompt_len} tokens) plus --max-new-tokens {args.max_new_tokens} exceeds the model's "
+                             f"{limit} positions; shorten the prompt or lower --max-new-tokens")
+    stages = [s.stage["method"] for s in api.runtime_stages(model)]
+    _say(args, f"# {source}: runtime stages {', '.join(stages) if stages else 'none'}", file=sys.stderr)
+    sampling = {"do_sample": True, "temperature": args.temperature} if args.do_sample else {"do_sample": False}
+    if args.do_sample:
+        torch.manual_seed(args.seed)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    with torch.no_grad():
+        out = model.generate(**{k: v.to(model.device) for k, v in ids.items()}, max_new_tokens=args.max_new_tokens,
+                             pad_token_id=pad, **sampling)
+    print(tokenizer.decode(out[0, prompt_len:], skip_special_tokens=True), flush=True)
+    return 0
+
+
+def _generate_prompt(args) -> str:
+    if (args.prompt is None) == (args.prompt_file is None):
+        raise UserInputError("give exactly one of --prompt TEXT or --prompt-file FILE")
+    if args.prompt_file is not None:
+        path = pathlib.Path(args.prompt_file)
+        try:
+            prompt = path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            why = "not UTF-8 text" if isinstance(exc, UnicodeDecodeError) else (exc.strerror or type(exc).__name__)
+            raise UserInputError(f"cannot read --prompt-file '{path}' ({why}); pass a readable UTF-8 text file") from None
+    else:
+        prompt = args.prompt
+    if not prompt.strip():
+        raise UserInputError("the prompt is empty; pass some text with --prompt or a non-empty --prompt-file")
+    return prompt
+
+
 def _check_kernel(args) -> None:
     """Fail before any model is loaded if the chosen kernel cannot run on the chosen device at all."""
     if args.kernel == "dense":
@@ -240,22 +298,33 @@ def _check_kernel(args) -> None:
 
 
 def _use_kernel(args, model) -> dict:
-    """Route the model's projections through a sparse kernel where a speed gate measured now says it pays."""
+    """Shorthand for a `sparse-kernel` runtime stage: route the model's projections through a sparse kernel
+    where a speed gate measured now says it pays."""
     if args.kernel == "dense":
         return {}
-    from sparseforge.core.dispatch import use_sparse_kernel
+    from sparseforge import api
 
     _say(args, f"measuring the '{args.kernel}' kernel against dense on this model's projection shapes")
-    r = use_sparse_kernel(model, args.kernel)
-    gate = r["gate"]
-    choices = list(gate.choices().values())
-    _say(args, f"'{args.kernel}' kernel: {len(r['replaced'])} projections routed; sparse chosen for {choices.count('sparse')} of "
-               f"{len(choices)} measured (shape, token count) cases, dense for the rest")
-    return {"kernel": args.kernel, "kernel_projections": len(r["replaced"]), "kernel_gate": gate.to_dict()}
+    stage = api.attach_method(model, "sparse-kernel", {"kernel": args.kernel})
+    _say(args, f"'{args.kernel}' kernel: {len(stage['projections'])} projections routed; sparse chosen for {stage['sparse_cases']} of "
+               f"{stage['measured_cases']} measured (shape, token count) cases, dense for the rest")
+    gate = api.runtime_stages(model)[-1].state.data["gate"]
+    return {"kernel": args.kernel, "kernel_projections": len(stage["projections"]), "kernel_gate": gate}
+
+
+def _stage_line(stage: dict) -> str:
+    """One stage of any family: its name, family and lifetime, then its own scalar fields (lists as counts)."""
+    details = []
+    for key, value in stage.items():
+        if key in ("method", "family", "lifetime", "seconds") or value is None or isinstance(value, dict):
+            continue
+        details.append(f"{len(value)} {key}" if isinstance(value, list) else f"{key} {value}")
+    head = f"- {stage['method']} ({stage.get('family', '?')}, {stage.get('lifetime', 'transform')})"
+    return f"{head}: " + ", ".join(details + [f"{stage.get('seconds', 0.0):.2f} s"])
 
 
 def _report(source, recipe, table, report, env, dispatched=None, note: str = "") -> str:
-    stages = "\n".join(f"- {s['method']}: pattern {s['pattern']}, {len(s['projections'])} projections, {s['seconds']:.2f} s" for s in report["stages"])
+    stages = "\n".join(_stage_line(s) for s in report["stages"])
     kernel = (f" The compressed model ran its {dispatched['kernel_projections']} projections through the '{dispatched['kernel']}' "
               "kernel wherever the speed gate measured at start-up found it faster (gate timings in results.json); the dense "
               "model used the dense kernels." if dispatched else "")
@@ -320,6 +389,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--quiet", "-q", action="store_true", help="no progress bars or status lines (results still print)")
     parser.add_argument("--debug", action="store_true", help="show the full traceback of an error")
     sub = parser.add_subparsers(dest="command", required=True)
+    from sparseforge.kernels.base import kernel_names
+
+    kernels = ("dense", *kernel_names())  # --kernel X: shorthand for a sparse-kernel stage with kernel X
 
     def common(p, model_help="model directory or hub id (default: the bundled reference model)"):
         p.add_argument("--model", default=None, help=model_help)
@@ -338,7 +410,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="passkey/multi-key episodes per (length, depth) cell (default: %(prog)s's own, see docs/metrics.md)")
     p.add_argument("--full", action="store_true",
                    help="the full evaluation of `eval` (all held-out text, 20 retrieval episodes per cell) instead of run's short one")
-    p.add_argument("--kernel", default="dense", choices=("dense", "csr", "2:4"),
+    p.add_argument("--kernel", default="dense", choices=kernels,
                    help="run the compressed model's projections through this sparse kernel wherever a speed gate, measured at "
                         "start-up on this machine, finds it faster than dense (csr: CPU, float32; 2:4: CUDA, 16-bit)")
     p.set_defaults(func=cmd_run)
@@ -369,10 +441,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-tokens", type=int, default=None, help="evaluate perplexity on at most this many held-out tokens")
     p.add_argument("--retrieval-per-cell", type=int, default=None,
                    help="passkey/multi-key episodes per (length, depth) cell (default: %(prog)s's own, see docs/metrics.md)")
-    p.add_argument("--kernel", default="dense", choices=("dense", "csr", "2:4"),
+    p.add_argument("--kernel", default="dense", choices=kernels,
                    help="run the model's projections through this sparse kernel wherever a speed gate, measured at "
                         "start-up on this machine, finds it faster than dense (csr: CPU, float32; 2:4: CUDA, 16-bit)")
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("generate", help="run a saved model with its runtime stages and print the text it generates")
+    common(p, "model or artifact directory (default: the bundled reference model)")
+    p.add_argument("--prompt", default=None, help="the prompt text")
+    p.add_argument("--prompt-file", default=None, help="read the prompt from this UTF-8 text file")
+    p.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate at most (default: %(default)s)")
+    p.add_argument("--do-sample", action="store_true", help="sample instead of greedy decoding")
+    p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature with --do-sample (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="random seed with --do-sample (default: %(default)s)")
+    p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("methods", help="list registered methods with their parameters, and the presets")
     p.set_defaults(func=cmd_methods)

@@ -1,5 +1,6 @@
 """Recipes: an ordered list of stages (method, params, target and ignore globs) plus calibration settings,
-read from YAML with errors that name the file, the line, the field, the bad value and what is allowed."""
+read from YAML with errors that name the file, the line, the field, the bad value and what is allowed.
+Stages of both lifetimes share one list: transforms (weight methods) first, then runtime stages."""
 from __future__ import annotations
 
 import dataclasses
@@ -95,6 +96,10 @@ def parse_recipe(text: str, source: str = "<recipe>") -> Recipe:
     if not stages_node.items():
         raise UserInputError(f"{stages_node.where()}: 'stages' is empty; add at least one stage with a 'method'")
     stages = [_parse_stage(s, i) for i, s in enumerate(stages_node.items())]
+    try:
+        check_stage_order(stages)
+    except UserInputError as exc:
+        raise UserInputError(f"{stages_node.where()}: {exc}") from None
     name_node = doc.get("name")
     name = str(name_node.value()) if name_node is not None else pathlib.Path(source).stem
     calibration = CalibrationConfig()
@@ -115,6 +120,20 @@ def parse_recipe(text: str, source: str = "<recipe>") -> Recipe:
         except UserInputError as exc:
             raise UserInputError(f"{cal_node.where()}: {exc}") from None
     return Recipe(name, stages, calibration, source)
+
+
+def check_stage_order(stages: list[Stage]) -> None:
+    """Transforms first, then runtime stages: a runtime stage is calibrated on the weights the transforms before
+    it produced, and a later transform would change them under it (or, like structured pruning, replace the
+    very modules it hooked)."""
+    first_runtime = None
+    for i, stage in enumerate(stages, 1):
+        lifetime = get_method(stage.method).lifetime
+        if lifetime == "runtime" and first_runtime is None:
+            first_runtime = (i, stage.method)
+        elif lifetime == "transform" and first_runtime is not None:
+            raise UserInputError(f"stage {i} ({stage.method}) changes weights after runtime stage {first_runtime[0]} ({first_runtime[1]}); "
+                                 "list runtime stages after every transform")
 
 
 def _parse_stage(node: "_Node", index: int) -> Stage:

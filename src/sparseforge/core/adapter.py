@@ -3,7 +3,9 @@
 A `Projection` is one weight matrix (or a stack of expert matrices) seen in a single orientation,
 `[..., out_features, in_features]`, whatever its module stores: `nn.Linear` keeps `[out, in]`, GPT-2's
 `Conv1D` keeps `[in, out]`, and fused mixture-of-experts modules (Mixtral in transformers 5) keep 3-D
-parameters `[experts, out, in]`.
+parameters `[experts, out, in]`. `AttentionLayout` and `MLPLayout` say which projections of a layer play which
+role (q/k/v/o, gate/up/down, ...) with the head geometry: what structured pruning cuts and what cache and
+attention methods address.
 """
 from __future__ import annotations
 
@@ -21,12 +23,27 @@ try:  # GPT-2 style layers store their weight transposed
 except ImportError:  # pragma: no cover - very old transformers
     Conv1D = ()
 
-# Attribute names of the decoder-layer list, tried after the config-driven search; covers the
-# architectures named in docs/architecture.md and most others on the hub.
+# Attribute paths of the decoder-layer list, tried first and in this order; they cover the architectures named
+# in docs/architecture.md and most others on the hub. Only when none matches does `_find_layers` fall back to
+# searching the module tree (the largest list of identical blocks, as long as config.num_hidden_layers).
 _LAYER_LIST_HINTS = ("model.layers", "model.decoder.layers", "transformer.h", "gpt_neox.layers", "transformer.layers")
 ATTENTION_HINTS = ("self_attn", "attn", "attention", "self_attention")
 _MLP_HINTS = ("mlp", "feed_forward", "ffn", "block_sparse_moe")
 _ROUTER_HINTS = ("gate", "router")
+# Leaf names of projections by role, matched exactly (a role is found only where one projection matches);
+# callers that depend on a layout confirm it by shapes.
+ATTENTION_ROLE_NAMES = {
+    "q": ("q_proj", "query", "wq", "q"),
+    "k": ("k_proj", "key", "wk", "k"),
+    "v": ("v_proj", "value", "wv", "v"),
+    "o": ("o_proj", "out_proj", "dense", "c_proj", "wo", "o"),
+    "qkv": ("qkv_proj", "c_attn", "query_key_value", "Wqkv", "wqkv"),  # q, k and v fused in one weight
+}
+MLP_OUTPUT_NAMES = ("down_proj", "fc2", "c_proj", "dense_4h_to_h", "w2")
+_MLP_INPUT_ROLES = {"gate_proj": "gate", "w1": "gate", "up_proj": "up", "w3": "up", "gate_up_proj": "gate_up"}  # else "in"
+# Config fields holding the head counts, tried in order.
+HEAD_COUNT_KEYS = ("num_attention_heads", "n_head", "num_heads")
+KV_HEAD_COUNT_KEYS = ("num_key_value_heads", "num_kv_heads", "n_kv_heads")
 
 
 @dataclasses.dataclass
@@ -68,6 +85,82 @@ class Projection:
     def is_hookable(self) -> bool:
         """Whether a forward hook on the module sees exactly this weight's input (not true for fused experts)."""
         return self.kind in ("linear", "conv1d")
+
+
+@dataclasses.dataclass(frozen=True)
+class AttentionLayout:
+    """One decoder layer's attention: which projection plays which role, and its head geometry.
+
+    Names are relative to the decoder layer ("self_attn.q_proj"); `qualified` prefixes the layer's name. A
+    role is None where no single projection has it: GPT-2, GPT-NeoX and Phi-3 compute q, k and v in one fused
+    projection (`qkv`). Head counts come from the config; head_dim from the query (or fused) projection's
+    width, which is what the model computes with."""
+
+    module: str | None  # the attention module, e.g. "self_attn"; None if the layer has none of ATTENTION_HINTS
+    q: str | None = None
+    k: str | None = None
+    v: str | None = None
+    o: str | None = None
+    qkv: str | None = None
+    projections: tuple[str, ...] = ()  # every projection inside the attention module, in module order
+    num_heads: int | None = None
+    num_kv_heads: int | None = None
+    head_dim: int | None = None
+    prefix: str = dataclasses.field(default="", compare=False)  # the decoder layer, e.g. "model.layers.3"
+
+    @property
+    def separate_qkv(self) -> bool:
+        """Whether q, k, v and o are four separate projections (what per-head surgery needs)."""
+        return all((self.q, self.k, self.v, self.o))
+
+    @property
+    def group_size(self) -> int | None:
+        """Query heads per KV head (1 for multi-head attention)."""
+        return self.num_heads // self.num_kv_heads if self.num_heads and self.num_kv_heads else None
+
+    def roles(self) -> dict[str, str]:
+        """{role: name relative to the layer} for the roles found ("q", "k", "v", "o", "qkv")."""
+        return {r: getattr(self, r) for r in ATTENTION_ROLE_NAMES if getattr(self, r)}
+
+    def qualified(self, name: str) -> str:
+        return f"{self.prefix}.{name}" if self.prefix else name
+
+
+@dataclasses.dataclass(frozen=True)
+class MLPLayout:
+    """One decoder layer's MLP: every projection of the layer outside attention, split into the one output
+    that writes back to the residual stream (down_proj, fc2, c_proj, ...) and the inputs that read the MLP's
+    input. Names are relative to the decoder layer ("mlp.up_proj"; OPT keeps "fc1"/"fc2" on the layer itself).
+    `roles` maps each name to "gate", "up", "gate_up" (fused, Phi-3), "in" (a single ungated input, fc1/c_fc)
+    or "out". `width` is the number of intermediate channels (the output's input size), 0 unless exactly one
+    output was found."""
+
+    module: str | None  # the MLP module, e.g. "mlp"; None where the projections sit on the layer (OPT)
+    inputs: tuple[str, ...] = ()
+    output: str | None = None
+    output_candidates: tuple[str, ...] = ()  # everything named like an output; more than one is ambiguous
+    roles: dict = dataclasses.field(default_factory=dict, hash=False)
+    width: int = 0
+    hidden: int = 0
+    experts: bool = False  # fused expert stacks (Mixtral): no per-channel nn.Linear layout
+    prefix: str = dataclasses.field(default="", compare=False)
+
+    @property
+    def fused_inputs(self) -> tuple[str, ...]:
+        """Inputs with a role other than a plain gate, up or single input (e.g. Phi-3's fused gate_up_proj)."""
+        return tuple(n for n in self.inputs if self.roles.get(n) == "gate_up")
+
+    def qualified(self, name: str) -> str:
+        return f"{self.prefix}.{name}" if self.prefix else name
+
+
+def _unique(names: Iterable[str], leaves: tuple[str, ...]) -> str | None:
+    found = [n for n in names if n.rsplit(".", 1)[-1] in leaves]
+    return found[0] if len(found) == 1 else None
+
+
+def _config_int(config, keys: tuple[str, ...]) -> int | None:
+    return next((getattr(config, k) for k in keys if isinstance(getattr(config, k, None), int)), None)
 
 
 class ModelAdapter:
@@ -141,6 +234,65 @@ class ModelAdapter:
             for n, p in self.projections(layer_index).items()
             if any(fnmatch.fnmatchcase(n, t) for t in targets) and not any(fnmatch.fnmatchcase(n, g) for g in ignore)
         }
+
+    def _relative_projections(self, layer_index: int) -> dict[str, Projection]:
+        prefix = self.layer_name(layer_index) + "."
+        return {n[len(prefix):]: p for n, p in self.projections(layer_index).items()}
+
+    def _attention_name(self, layer_index: int) -> str | None:
+        layer = self.layers[layer_index]
+        return next((h for h in ATTENTION_HINTS if isinstance(getattr(layer, h, None), nn.Module)), None)
+
+    def _text_config(self):
+        config = getattr(self.model, "config", None)
+        # Multimodal configs keep the decoder's fields in a sub-config; text-only ones return themselves.
+        return config.get_text_config() if hasattr(config, "get_text_config") else config
+
+    def head_counts(self) -> tuple[int | None, int | None]:
+        """(query heads, KV heads) from the config; KV heads default to the query heads (multi-head attention)."""
+        config = self._text_config()
+        heads = _config_int(config, HEAD_COUNT_KEYS)
+        kv = _config_int(config, KV_HEAD_COUNT_KEYS)
+        return heads, kv if kv is not None else heads
+
+    def attention_layout(self, layer_index: int = 0) -> AttentionLayout:
+        """Which projections of decoder layer `layer_index` are q, k, v, o (or a fused qkv), with the head
+        counts and head_dim. Never raises for an unusual model: roles not found are None."""
+        attn = self._attention_name(layer_index)
+        prefix = self.layer_name(layer_index)
+        if attn is None:
+            return AttentionLayout(None, prefix=prefix)
+        projs = {r: p for r, p in self._relative_projections(layer_index).items() if r.startswith(attn + ".")}
+        roles = {role: _unique(projs, leaves) for role, leaves in ATTENTION_ROLE_NAMES.items()}
+        heads, kv = self.head_counts()
+        head_dim = None
+        if heads:
+            if roles["q"]:
+                head_dim = projs[roles["q"]].out_features // heads
+            elif roles["qkv"] and kv:
+                head_dim = projs[roles["qkv"]].out_features // (heads + 2 * kv)
+            else:
+                config = self._text_config()
+                head_dim = getattr(config, "head_dim", None) or (getattr(config, "hidden_size", 0) // heads) or None
+        return AttentionLayout(attn, **roles, projections=tuple(projs), num_heads=heads, num_kv_heads=kv,
+                               head_dim=head_dim, prefix=prefix)
+
+    def mlp_layout(self, layer_index: int = 0) -> MLPLayout:
+        """The MLP projections of decoder layer `layer_index` by role, and its width. Never raises: an
+        ambiguous or missing output leaves `output` None and `width` 0."""
+        layer = self.layers[layer_index]
+        attn = self._attention_name(layer_index)
+        others = {r: p for r, p in self._relative_projections(layer_index).items() if not (attn and r.startswith(attn + "."))}
+        module = next((h for h in _MLP_HINTS if isinstance(getattr(layer, h, None), nn.Module)), None)
+        candidates = tuple(r for r in others if r.rsplit(".", 1)[-1] in MLP_OUTPUT_NAMES)
+        output = candidates[0] if len(candidates) == 1 else None
+        inputs = tuple(r for r in others if r not in candidates)
+        roles = {r: _MLP_INPUT_ROLES.get(r.rsplit(".", 1)[-1], "in") for r in inputs}
+        if output:
+            roles[output] = "out"
+        width, hidden = (others[output].in_features, others[output].out_features) if output else (0, 0)
+        return MLPLayout(module, inputs, output, candidates, roles, width, hidden,
+                         any(p.kind == "experts" for p in others.values()), self.layer_name(layer_index))
 
     def attention_modules(self) -> dict[str, nn.Module]:
         return self._child_by_hint(ATTENTION_HINTS)

@@ -8,6 +8,7 @@ from torch import nn
 
 from sparseforge.core.adapter import ModelAdapter
 from sparseforge.core.offload import offload_store
+from sparseforge.core.surgery import replace_module
 from sparseforge.errors import UserInputError
 from sparseforge.kernels.base import SparseLinear, SpeedGate, get_kernel
 
@@ -45,8 +46,7 @@ def use_sparse_kernel(model: nn.Module, kernel: str, gate: SpeedGate | None = No
     elif gate.kernel and gate.kernel != spec.name:
         raise UserInputError(f"the speed gate was measured for the '{gate.kernel}' kernel, not '{spec.name}'; measure one for '{spec.name}'")
     for name, module in chosen.items():
-        parent_name, _, leaf = name.rpartition(".")
-        setattr(model.get_submodule(parent_name), leaf, SparseLinear(module, spec, gate))
+        replace_module(model, name, SparseLinear(module, spec, gate))
     return {"replaced": list(chosen), "skipped": skipped, "gate": gate}
 
 
@@ -57,7 +57,6 @@ def restore_dense(model: nn.Module) -> int:
         if isinstance(module, SparseLinear):
             linear = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None, device="meta")
             linear.weight, linear.bias = module.weight, module.bias
-            parent_name, _, leaf = name.rpartition(".")
-            setattr(model.get_submodule(parent_name), leaf, linear)
+            replace_module(model, name, linear)
             swapped += 1
     return swapped

@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from sparseforge.core.adapter import ModelAdapter
+from sparseforge.core.surgery import replace_parameter
 from sparseforge.errors import UserInputError
 from sparseforge.formats.output import disk_full, is_disk_full, remove_stale_scratch, scratch_prefix
 
@@ -119,9 +120,7 @@ class _CheckpointIndex:
 
 
 def _set_tensor(module: nn.Module, dotted: str, value: torch.Tensor) -> None:
-    owner_path, _, leaf = dotted.rpartition(".")
-    owner = module.get_submodule(owner_path) if owner_path else module
-    owner._parameters[leaf] = nn.Parameter(value, requires_grad=False)
+    replace_parameter(module, dotted, nn.Parameter(value, requires_grad=False))
 
 
 class LayerStore:

@@ -33,6 +33,8 @@ class Episode:
     kind: str
     depth: float
     extra_answers: tuple[tuple[int, int], ...] = ()
+    question_start: int = -1  # where the question begins (question-agnostic evaluation compresses what precedes it)
+    needle_span: tuple[int, int] = (-1, -1)  # the asked-for insert's tokens (head calibration looks for attention there)
 
     @property
     def answer_len(self) -> int:
@@ -62,10 +64,21 @@ def _assemble(rng, tokenizer, filler_ids, length, inserts, question_ids, answer_
     for insert, d in sorted(zip(inserts, depths), key=lambda p: -p[1]):
         cut = int(round(d * n_filler))
         out = out[:cut] + list(insert) + out[cut:]
+    needle = _find(out, list(inserts[0]))
+    question_start = len(out)
     ids = out + list(question_ids)
     answer_start = len(ids)
     ids += list(answer_ids)
-    return Episode(ids, answer_start, len(ids), answer, kind, depth)
+    return Episode(ids, answer_start, len(ids), answer, kind, depth, (), question_start, (needle, needle + len(inserts[0])))
+
+
+def _find(haystack: list[int], needle: list[int]) -> int:
+    """First index of `needle` in `haystack` (the insert is there by construction)."""
+    n = len(needle)
+    for i in range(len(haystack) - n + 1):
+        if haystack[i : i + n] == needle:
+            return i
+    return -1
 
 
 def passkey_episode(

@@ -200,3 +200,62 @@ def speed(
         "device": str(device),
     }
 
+
+
+class _AllocationTracker:
+    """Counts the bytes of tensor storages that PyTorch operators create while active and that are still alive,
+    and keeps the peak. A storage is counted once however many views share it and leaves the count when it is
+    freed. What it sees: every operator output (activations, attention scores, new cache tensors); what it does
+    not: tensors that existed before (weights, a cache passed in) and an operator's internal scratch buffers."""
+
+    def __init__(self):
+        import weakref
+
+        from torch.utils._python_dispatch import TorchDispatchMode
+        from torch.utils._pytree import tree_flatten
+
+        tracker = self
+        self.live: dict[int, int] = {}
+        self.current = 0
+        self.peak = 0
+
+        def free(key):
+            tracker.current -= tracker.live.pop(key, 0)
+
+        class Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                out = func(*args, **(kwargs or {}))
+                for t in tree_flatten(out)[0]:
+                    if isinstance(t, torch.Tensor) and t.device.type != "meta":
+                        storage = t.untyped_storage()
+                        key = storage.data_ptr()
+                        size = storage.nbytes()
+                        if size and key not in tracker.live:
+                            tracker.live[key] = size
+                            tracker.current += size
+                            tracker.peak = max(tracker.peak, tracker.current)
+                            weakref.finalize(storage, free, key)
+                return out
+
+        self.mode = Mode()
+
+
+def peak_allocated(fn: Callable[[], T], device=None) -> tuple[T, int]:
+    """Run `fn()` and return (its result, peak bytes of tensors allocated during the call and alive at once).
+
+    On CUDA: `torch.cuda.max_memory_allocated` minus the memory allocated before the call. On CPU, where PyTorch
+    keeps no allocator statistics: the storages created by operators during the call, tracked through a
+    `TorchDispatchMode` (see `_AllocationTracker`): exact for what it sees, deterministic, and free of the
+    allocator's and the Python runtime's noise that the process RSS carries."""
+    device = torch.device(device) if device is not None else None
+    if device is not None and device.type == "cuda":
+        torch.cuda.synchronize(device)
+        base = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        result = fn()
+        torch.cuda.synchronize(device)
+        return result, int(torch.cuda.max_memory_allocated(device) - base)
+    tracker = _AllocationTracker()
+    with tracker.mode:
+        result = fn()
+    return result, tracker.peak

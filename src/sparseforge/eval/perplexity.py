@@ -60,6 +60,15 @@ def accepts_argument(model, argument: str) -> bool:
         return False
 
 
+def cache_argument(model) -> str:
+    """The keyword a model's forward takes its KV cache by: `cache` from transformers 5.24, `past_key_values`
+    before (and for models that only take **kwargs)."""
+    try:
+        return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    except (TypeError, ValueError):
+        return "past_key_values"
+
+
 def _windows(n_tokens: int, window: int, stride: int) -> list[tuple[int, int, int]]:
     """(begin, end, first_scored) for each window: the window covers ids[begin:end] and scores the targets
     ids[first_scored:end], i.e. the ones no earlier window has scored. A window's first token has no context

@@ -1,8 +1,14 @@
 """Registry of evaluation tasks for the CLI (`--tasks perplexity,passkey,...`).
 
-Each task is a function `EvalContext -> {metric name: value}` with flat, task-prefixed metric names;
-`run_tasks` runs the requested ones and merges their metrics. Tasks that need something the context lacks
-(a reference model for `fidelity`, a saved directory for `size`) are skipped and their metrics are absent.
+Each task is a function `EvalContext -> {metric name: value}` with flat, task-prefixed metric names, registered
+under its name with `@register_task(name)` (default tasks with `default=True`); `run_tasks` runs the requested
+ones and merges their metrics. Tasks that need something the context lacks (a reference model for `fidelity`, a
+saved directory for `size`) are skipped and their metrics are absent.
+
+Retrieval tasks run through the KV cache (prefill, then question and answer from the cache), so an attached KV
+stage is measured: `passkey` / `multikey` are question-aware (the question is inside the compressed prompt),
+`passkey_agnostic` / `multikey_agnostic` compress the context before the question is seen. `kv_perplexity` and
+`kv_efficiency` are opt-in (not in DEFAULT_TASKS), so the default eval of a dense model costs what it did.
 """
 from __future__ import annotations
 
@@ -19,10 +25,29 @@ from sparseforge.data import read_text
 from sparseforge.errors import UserInputError
 from sparseforge.eval.efficiency import measure_peak_memory, size_on_disk, speed, weight_sparsity
 from sparseforge.eval.fidelity import fidelity
+from sparseforge.eval.kv import kv_efficiency, kv_perplexity
 from sparseforge.eval.perplexity import encode, eval_mode, max_positions, model_device, perplexity
 from sparseforge.eval.retrieval import retrieval_accuracy
 
 log = logging.getLogger(__name__)
+
+Task = Callable[["EvalContext"], dict]
+TASKS: dict[str, Task] = {}
+_DEFAULT: list[str] = []
+
+
+def register_task(name: str, default: bool = False) -> Callable[[Task], Task]:
+    """Register `fn` as the eval task `name`; `default=True` also runs it when no tasks are named."""
+
+    def add(fn: Task) -> Task:
+        if name in TASKS and TASKS[name] is not fn:
+            raise ValueError(f"eval task '{name}' registered twice")
+        TASKS[name] = fn
+        if default and name not in _DEFAULT:
+            _DEFAULT.append(name)
+        return fn
+
+    return add
 
 # Knobs tasks read from EvalContext.settings. None means "pick from the model" (see each task).
 DEFAULT_SETTINGS: dict[str, Any] = {
@@ -42,6 +67,11 @@ DEFAULT_SETTINGS: dict[str, Any] = {
     "speed_repeats": 5,
     "speed_warmup": 1,
     "memory_prompt_len": None,  # None: min(512, model max positions)
+    "kv_chunk": 256,  # kv_perplexity: tokens fed per forward through the cache
+    "kv_max_tokens": None,  # kv_perplexity: tokens of the text used; None: min(model max positions, 2048)
+    "kv_prompt_len": None,  # kv_efficiency: prompt tokens; None: min(2048, max positions) - kv_new_tokens
+    "kv_new_tokens": 32,  # kv_efficiency: tokens decoded
+    "kv_chunk_size": None,  # kv_efficiency: chunked prefill of this many tokens; None: one forward
     "targets": ("*",),  # projection globs for the sparsity metrics
     "ignore": (),
 }
@@ -80,12 +110,14 @@ def _prefixed(prefix: str, metrics: dict, keys: Iterable[str]) -> dict:
     return {f"{prefix}_{k}": metrics[k] for k in keys}
 
 
+@register_task("perplexity", default=True)
 def task_perplexity(ctx: EvalContext) -> dict:
     s = ctx.settings
     r = perplexity(ctx.model, ctx.tokenizer, ctx.text, s["window"], s["stride"], s["max_tokens"], s["batch_size"])
     return {"perplexity": r["perplexity"], **_prefixed("perplexity", r, ("tokens_scored", "window", "stride"))}
 
 
+@register_task("fidelity", default=True)
 def task_fidelity(ctx: EvalContext) -> dict:
     if ctx.reference is None:
         log.info("fidelity skipped: no reference model")
@@ -104,7 +136,9 @@ def task_fidelity(ctx: EvalContext) -> dict:
     }
 
 
-def _retrieval_task(name: str) -> Callable[[EvalContext], dict]:
+def _retrieval_task(name: str, mode: str = "aware") -> Callable[[EvalContext], dict]:
+    episode_kind = name.removesuffix("_agnostic")
+
     def task(ctx: EvalContext) -> dict:
         s = ctx.settings
         lengths = s["retrieval_lengths"]
@@ -112,20 +146,28 @@ def _retrieval_task(name: str) -> Callable[[EvalContext], dict]:
             limit = max_positions(ctx.model)
             lengths = [L for L in _RETRIEVAL_LENGTHS if limit is None or L <= limit] or [limit]
         r = retrieval_accuracy(
-            ctx.model, ctx.tokenizer, name, lengths, s["retrieval_depths"], s["retrieval_per_cell"],
-            s["retrieval_seed"], filler_text=ctx.text,
+            ctx.model, ctx.tokenizer, episode_kind, lengths, s["retrieval_depths"], s["retrieval_per_cell"],
+            s["retrieval_seed"], filler_text=ctx.text, mode=mode,
         )
         return _prefixed(name, r, ("accuracy", "by_length", "by_depth", "cells"))
 
     task.__name__ = f"task_{name}"
-    task.__doc__ = f"{name} retrieval accuracy, overall and by length and depth."
+    task.__doc__ = f"{episode_kind} retrieval accuracy ({mode} of the question), overall and by length and depth."
     return task
 
 
+register_task("passkey", default=True)(_retrieval_task("passkey"))
+register_task("multikey", default=True)(_retrieval_task("multikey"))
+register_task("passkey_agnostic")(_retrieval_task("passkey_agnostic", "agnostic"))
+register_task("multikey_agnostic")(_retrieval_task("multikey_agnostic", "agnostic"))
+
+
+@register_task("sparsity", default=True)
 def task_sparsity(ctx: EvalContext) -> dict:
     return weight_sparsity(ctx.model, ctx.settings["targets"], ctx.settings["ignore"])
 
 
+@register_task("speed", default=True)
 def task_speed(ctx: EvalContext) -> dict:
     s = ctx.settings
     r = speed(ctx.model, ctx.tokenizer, s["speed_prompt_len"], s["speed_new_tokens"], s["speed_repeats"], s["speed_warmup"])
@@ -137,6 +179,7 @@ def task_speed(ctx: EvalContext) -> dict:
     }
 
 
+@register_task("memory", default=True)
 def task_memory(ctx: EvalContext) -> dict:
     """Peak memory of one perplexity-style forward pass (no KV cache) over the first tokens of the text."""
     prompt_len = _capped(ctx.settings["memory_prompt_len"], 512, max_positions(ctx.model))
@@ -152,6 +195,7 @@ def task_memory(ctx: EvalContext) -> dict:
     return {"peak_memory_bytes": peak, "memory_prompt_len": len(ids), "memory_device": str(device)}
 
 
+@register_task("size", default=True)
 def task_size(ctx: EvalContext) -> dict:
     if ctx.model_dir is None:
         log.info("size skipped: no saved model directory")
@@ -159,17 +203,24 @@ def task_size(ctx: EvalContext) -> dict:
     return {"size_bytes": size_on_disk(ctx.model_dir)}
 
 
-TASKS: dict[str, Callable[[EvalContext], dict]] = {
-    "perplexity": task_perplexity,
-    "fidelity": task_fidelity,
-    "passkey": _retrieval_task("passkey"),
-    "multikey": _retrieval_task("multikey"),
-    "sparsity": task_sparsity,
-    "speed": task_speed,
-    "memory": task_memory,
-    "size": task_size,
-}
-DEFAULT_TASKS: tuple[str, ...] = tuple(TASKS)
+@register_task("kv_perplexity")
+def task_kv_perplexity(ctx: EvalContext) -> dict:
+    """Perplexity fed through the cache in chunks, compressed after each by an attached KV press."""
+    s = ctx.settings
+    return kv_perplexity(ctx.model, ctx.tokenizer, ctx.text, s["kv_chunk"], s["kv_max_tokens"])
+
+
+@register_task("kv_efficiency")
+def task_kv_efficiency(ctx: EvalContext) -> dict:
+    """Peak memory of prefill and of decode, the cache's bytes, TTFT and TPOT through the attached KV stage."""
+    s = ctx.settings
+    limit = max_positions(ctx.model)
+    prompt_len = s["kv_prompt_len"] or (min(2048, limit or 2048) - s["kv_new_tokens"])
+    ids = encode(ctx.tokenizer, ctx.text, prompt_len)
+    return kv_efficiency(ctx.model, torch.tensor([ids]), s["kv_new_tokens"], s["kv_chunk_size"])
+
+
+DEFAULT_TASKS: tuple[str, ...] = tuple(_DEFAULT)
 
 
 def run_tasks(context: EvalContext, tasks: str | Iterable[str] = DEFAULT_TASKS) -> dict:

@@ -68,9 +68,12 @@ def save(model, directory, tokenizer=None, recipe=None, stages=None, metrics=Non
     if offloaded and storage != "dense":
         raise UserInputError("a disk-offloaded model is saved layer by layer as a dense checkpoint; save with storage 'dense', "
                              "then load it and save again with storage 'compact'")
+    from sparseforge.formats import runtime_state
+
     source = getattr(model, "sparseforge_source", None)
     inputs = [("input model", source), ("offload scratch", getattr(offload_store(model), "scratch", None))]
-    with atomic_directory(directory, overwrite, inputs, needed_bytes=_tensor_bytes(model)) as tmp:
+    # Weights are saved with the runtime stages detached (plain modules); the stages go to their own files.
+    with atomic_directory(directory, overwrite, inputs, needed_bytes=_tensor_bytes(model)) as tmp, runtime_state.detached(model) as runtime:
         if offloaded:
             _save_offloaded(model, tmp)
         else:
@@ -96,7 +99,7 @@ def save(model, directory, tokenizer=None, recipe=None, stages=None, metrics=Non
             info["stages"] = [s.to_json() if hasattr(s, "to_json") else s for s in stages]
         if metrics is not None:
             info["metrics"] = metrics
-        info.setdefault("runtime", {})
+        info["runtime"] = runtime_state.write(tmp, runtime)
         info["storage"] = {"format": storage, "tensors": packed} | ({"planes": planes} if planes else {})
         write_json(tmp / ARTIFACT_FILE, info)
         if storage == "compact":
@@ -425,7 +428,7 @@ def read_artifact_info(path: pathlib.Path) -> dict:
     if not isinstance(storage, dict) or storage.get("format", "dense") not in STORAGES or not isinstance(storage.get("tensors", {}), dict) \
             or not isinstance(storage.get("planes", {}), dict):
         raise UserInputError(f"'{path}' has a malformed 'storage' section; re-create the artifact with sparseforge compress")
-    for key in ("recipe", "runtime", "metrics"):
+    for key in ("recipe", "metrics"):  # "runtime" is checked by formats.runtime_state
         if key in info and not isinstance(info[key], (dict, type(None))):
             raise UserInputError(f"'{path}' has a malformed '{key}' section (a JSON {type(info[key]).__name__}); re-create the artifact")
     if not isinstance(info.get("stages", []), list):

@@ -1,16 +1,19 @@
 """Compact storage of sparse weights, and its exact inverse.
 
 - bitmask: one bit per weight (row-major, packed 8 per byte) plus the nonzero values in row-major order.
-  50% unstructured in bf16 takes (1/8 + 1) / 2 = 0.56 of the dense bytes; in fp32, 0.53.
+  At 50% unstructured that is (1/8 + 1) / 2 of the dense bytes in bf16 and (1/32 + 1) / 2 in fp32.
 - nm: for N:M along the input dimension, the N kept values of every group of M plus each one's position
-  inside its group, packed two per byte (M <= 16). 2:4 in bf16 takes (1 + 1/4) / 2 = 0.625 of the dense
-  bytes; in fp32, 0.56.
+  inside its group, packed two per byte (M <= 16). For 2:4 that is (1 + 1/4) / 2 of the dense bytes in
+  bf16 and (1 + 1/16) / 2 in fp32.
 Both round-trip bit for bit (a kept weight that happens to be exactly zero is stored as a kept zero).
 
 - planes: lossless entropy coding of a float tensor's most significant byte (sign and high exponent bits).
-  Trained weights use few exponents, so that byte deflates to about 0.44 of its size while the mantissa
-  bytes are close to random and are stored raw: fp32 values take about 0.86 of their bytes, bf16 about 0.72.
-  Applied to every large float tensor of a compact artifact (packed values and unpruned tensors alike).
+  Trained weights use few exponents, so that byte deflates well while the mantissa bytes are close to
+  random and are stored raw. Applied to every large float tensor of a compact artifact (packed values and
+  unpruned tensors alike).
+
+The ratios each codec reaches on the bundled model (and the zlib level trade-off below) are measured by
+`benchmarks/weight_quality.py` and listed in benchmarks/results/weight_quality.md ("Compact storage codecs").
 """
 from __future__ import annotations
 
@@ -19,7 +22,8 @@ import zlib
 
 import torch
 
-# zlib level 1: on this low-entropy byte it is within 10% of level 9's size at about 1/500 of the time.
+# zlib level 1: on this low-entropy byte it comes close to level 9's size in a small fraction of the time
+# (both measured in benchmarks/results/weight_quality.md).
 _PLANE_LEVEL = 1
 
 _BITS = torch.tensor([128, 64, 32, 16, 8, 4, 2, 1], dtype=torch.uint8)

@@ -57,17 +57,25 @@ KERNELS: dict[str, SparseKernel] = {}
 
 
 def register_kernel(cls: type[SparseKernel]) -> type[SparseKernel]:
+    if cls.name in KERNELS and type(KERNELS[cls.name]) is not cls:
+        raise ValueError(f"kernel name '{cls.name}' registered twice")
     KERNELS[cls.name] = cls()
     return cls
 
 
 def get_kernel(name: str) -> SparseKernel:
-    import sparseforge.kernels.semi_structured  # noqa: F401  (registers "2:4")
-    import sparseforge.kernels.sparse_csr  # noqa: F401  (registers "csr")
+    import sparseforge.kernels  # noqa: F401  (importing the package registers every kernel)
 
     if name not in KERNELS:
-        raise UserInputError(f"unknown sparse kernel '{name}'; choose one of {sorted(KERNELS)}")
+        raise UserInputError(f"unknown sparse kernel '{name}'; choose one of {', '.join(kernel_names())}")
     return KERNELS[name]
+
+
+def kernel_names() -> tuple[str, ...]:
+    """Every registered kernel's name, sorted: the choices the CLI and the sparse-kernel stage offer."""
+    import sparseforge.kernels  # noqa: F401
+
+    return tuple(sorted(KERNELS))
 
 
 def parse_shape(key: str) -> tuple[int, int]:

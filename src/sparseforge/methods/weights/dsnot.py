@@ -26,11 +26,12 @@ from sparseforge.core.masks import Pattern
 from sparseforge.errors import UserInputError
 from sparseforge.methods.base import get_method, param, register
 from sparseforge.methods.weights.base import WeightPruner
+from sparseforge.methods.weights.owl import base_pruners
 
 
 @dataclasses.dataclass
 class DSnoTParams:
-    base: str = param("wanda", "pruner whose mask is repaired", ("magnitude", "wanda", "sparsegpt"))
+    base: str = param("wanda", "pruner whose mask is repaired", base_pruners)
     sparsity: float = param(0.6, "fraction of weights removed by the base pruner, in [0, 1)")
     max_cycles: int = param(50, "most prune-and-grow swaps per row")
     tolerance: float = param(0.1, "stop a row once |error| is below this fraction of its starting value")

@@ -11,13 +11,16 @@ import torch
 
 from sparseforge.core.calibration import CalibrationConfig, calibration_batches, run_layerwise
 from sparseforge.errors import UserInputError
-from sparseforge.methods.base import Method, get_method, param, register
-from sparseforge.methods.weights.base import StageResult
+from sparseforge.methods.base import Method, get_method, param, register, registered
+from sparseforge.methods.weights.base import StageResult, WeightPruner
+
+# A base pruner is any registered weight pruner that prunes on its own: one that wraps another (DSnoT) is not.
+base_pruners = registered(lambda cls: issubclass(cls, WeightPruner) and "base" not in {f.name for f in dataclasses.fields(cls.Params)})
 
 
 @dataclasses.dataclass
 class OWLParams:
-    base: str = param("wanda", "pruner that applies the per-layer sparsities", ("magnitude", "wanda", "sparsegpt"))
+    base: str = param("wanda", "pruner that applies the per-layer sparsities", base_pruners)
     sparsity: float = param(0.7, "mean sparsity over decoder layers, in [0, 1)")
     outlier_threshold: float = param(5.0, "an entry is an outlier above this multiple of its layer's mean score (M)")
     spread: float = param(0.08, "layer sparsities lie within target ± spread (lambda)")

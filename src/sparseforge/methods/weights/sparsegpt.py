@@ -51,7 +51,9 @@ class SparseGPT(WeightPruner):
 
 def sparsegpt_prune(weight: torch.Tensor, hessian: torch.Tensor, pattern: Pattern, blocksize: int = 128, dampening: float = 0.01) -> torch.Tensor:
     """Return the pruned copy of `weight` ([out, in], any float dtype; computed in float32)."""
-    W = weight.detach().clone().float()
+    # A contiguous copy: GPT-2's Conv1D hands over a transposed view, whose strides clone() would keep, and
+    # the flat mask indexing below needs row-major blocks.
+    W = weight.detach().float().clone(memory_format=torch.contiguous_format)
     rows, cols = W.shape
     if pattern.kind == "nm":
         if cols % pattern.m:

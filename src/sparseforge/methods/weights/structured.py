@@ -12,6 +12,10 @@ Hugging Face configs hold one intermediate size and one head count for all layer
 same number of channels and heads; which ones is decided per layer. With grouped-query attention the same
 number of query heads goes from every KV group (see `core.masks.HeadPlan`), and head_dim never changes.
 
+Which projections are the MLP's inputs and output and attention's q, k, v and o, and the head geometry, come
+from the adapter (`ModelAdapter.mlp_layout` / `attention_layout`); this file checks that they are separate
+plain layers of the shapes its cuts assume. Replacing the cut layers goes through core.surgery.
+
 The layer walk (core.calibration.run_layerwise) first zeroes the chosen columns, which is exactly what
 removal computes, so later layers calibrate on the pruned model's activations; the matrices are cut and the
 config rewritten after the walk. Before touching the model, the new config is round-tripped through its dict
@@ -28,22 +32,17 @@ import dataclasses
 import torch
 from torch import nn
 
-from sparseforge.core.adapter import ATTENTION_HINTS, Conv1D, ModelAdapter, Projection
+from sparseforge.core.adapter import HEAD_COUNT_KEYS, KV_HEAD_COUNT_KEYS, MLP_OUTPUT_NAMES, Conv1D, ModelAdapter, Projection
 from sparseforge.core.calibration import CalibrationConfig, InputStats, calibration_batches, run_layerwise
 from sparseforge.core.masks import HeadPlan, channel_weight_mask, drop_lowest, head_mask, prune_count
 from sparseforge.core.offload import offload_store
+from sparseforge.core.surgery import replace_module, replace_parameter
 from sparseforge.errors import UserInputError
 from sparseforge.methods.base import Method, param, register
 from sparseforge.methods.weights.base import StageResult
 
-# Leaf names, matched exactly; layouts are confirmed by shapes afterwards.
-_MLP_OUT = ("down_proj", "fc2", "c_proj", "dense_4h_to_h", "w2")
-_Q, _K, _V = ("q_proj", "query", "wq", "q"), ("k_proj", "key", "wk", "k"), ("v_proj", "value", "wv", "v")
-_O = ("o_proj", "out_proj", "dense", "c_proj", "wo", "o")
-# Config fields, tried in order.
+# Config fields of the MLP width, tried in order (the head-count fields come with the adapter).
 _WIDTH_KEYS = ("intermediate_size", "ffn_dim", "n_inner", "ffn_hidden_size", "d_ff")
-_HEAD_KEYS = ("num_attention_heads", "n_head", "num_heads")
-_KV_KEYS = ("num_key_value_heads", "num_kv_heads", "n_kv_heads")
 _FALLBACK = "use unstructured or N:M pruning instead (e.g. preset wanda-50 or wanda-2of4)"
 
 
@@ -104,60 +103,50 @@ def _plain(model, proj: Projection, what: str, knob: str) -> None:
         raise _unsupported(model, what, f"'{proj.name}' is a {type(proj.module).__name__}, not nn.Linear or Conv1D", knob)
 
 
-def _find_layout(model, adapter: ModelAdapter, index: int, need_mlp: bool, need_heads: bool, heads: int, kv: int) -> tuple[_Layout, int, int]:
-    """Find the MLP and attention parts of decoder layer `index`; returns the layout, MLP width and head_dim."""
-    prefix = adapter.layer_name(index) + "."
-    projs = {n[len(prefix):]: p for n, p in adapter.projections(index).items()}
-    layer = adapter.layers[index]
-    attn = next((h for h in ATTENTION_HINTS if isinstance(getattr(layer, h, None), nn.Module)), None)
-    in_attn = {r: p for r, p in projs.items() if attn and r.startswith(attn + ".")}
-    others = {r: p for r, p in projs.items() if r not in in_attn}
-    layout = _Layout([], None, attn, None, None, None, None, {})
+def _find_layout(model, adapter: ModelAdapter, index: int, need_mlp: bool, need_heads: bool) -> tuple[_Layout, int, int]:
+    """Check that decoder layer `index` has the parts this method cuts, as the adapter finds them (separate
+    plain projections of the shapes the config implies); returns the layout, MLP width and head_dim."""
+    projs = adapter.projections(index)
+    attention, mlp = adapter.attention_layout(index), adapter.mlp_layout(index)
+    layout = _Layout([], None, attention.module, None, None, None, None, {})
     width = head_dim = 0
 
     if need_mlp:
         knob, what = "mlp_sparsity", "MLP channels"
-        if any(p.kind == "experts" for p in others.values()):
+        if mlp.experts:
             raise _unsupported(model, what, "its MLP is a mixture of experts with fused expert weights", knob)
-        outs = [r for r in others if _leaf(r) in _MLP_OUT]
-        if len(outs) != 1:
-            raise _unsupported(model, what, f"found {len(outs)} MLP output projections named like {', '.join(_MLP_OUT)}, need one", knob)
-        out = others[outs[0]]
-        width, hidden = out.in_features, out.out_features
-        ins = [r for r in others if r != outs[0]]
-        for r in ins:
-            if (others[r].in_features, others[r].out_features) != (hidden, width):
-                raise _unsupported(model, what, f"'{r}' ({others[r].out_features}x{others[r].in_features}) is not a separate input projection of the {width} channels; a fused gate/up weight?", knob)
-        if not ins:
-            raise _unsupported(model, what, f"found no MLP input projection feeding '{outs[0]}'", knob)
-        for r in [*ins, outs[0]]:
-            _plain(model, others[r], what, knob)
-        layout.mlp_in, layout.mlp_out = ins, outs[0]
+        if mlp.output is None:
+            raise _unsupported(model, what, f"found {len(mlp.output_candidates)} MLP output projections named like {', '.join(MLP_OUTPUT_NAMES)}, need one", knob)
+        width, hidden = mlp.width, mlp.hidden
+        for r in mlp.inputs:
+            p = projs[mlp.qualified(r)]
+            if (p.in_features, p.out_features) != (hidden, width):
+                raise _unsupported(model, what, f"'{r}' ({p.out_features}x{p.in_features}) is not a separate input projection of the {width} channels; a fused gate/up weight?", knob)
+        if not mlp.inputs:
+            raise _unsupported(model, what, f"found no MLP input projection feeding '{mlp.output}'", knob)
+        for r in (*mlp.inputs, mlp.output):
+            _plain(model, projs[mlp.qualified(r)], what, knob)
+        layout.mlp_in, layout.mlp_out = list(mlp.inputs), mlp.output
 
     if need_heads:
         knob, what = "head_sparsity", "attention heads"
-        if attn is None:
+        if attention.module is None:
             raise _unsupported(model, what, "found no attention module (self_attn, attn, attention)", knob)
-
-        def pick(hints):
-            found = [r for r in in_attn if _leaf(r) in hints]
-            return found[0] if len(found) == 1 else None
-
-        q, k, v, o = pick(_Q), pick(_K), pick(_V), pick(_O)
-        if not (q and k and v and o):
-            names = ", ".join(_leaf(r) for r in in_attn)
+        if not attention.separate_qkv:
+            names = ", ".join(_leaf(r) for r in attention.projections)
             raise _unsupported(model, what, f"its attention holds {names}: query, key and value are not separate projections (fused qkv?)", knob)
-        qp, kp, vp, op = in_attn[q], in_attn[k], in_attn[v], in_attn[o]
+        q, k, v, o = attention.q, attention.k, attention.v, attention.o
+        qp, kp, vp, op = (projs[attention.qualified(r)] for r in (q, k, v, o))
         for p in (qp, kp, vp, op):
             _plain(model, p, what, knob)
-        head_dim = qp.out_features // heads
+        heads, kv, head_dim = attention.num_heads, attention.num_kv_heads, attention.head_dim
         if (qp.out_features, kp.out_features, vp.out_features, op.in_features) != (heads * head_dim, kv * head_dim, kv * head_dim, heads * head_dim):
             raise _unsupported(model, what, f"q/k/v/o shapes do not match {heads} heads and {kv} KV heads from its config", knob)
         layout.q, layout.k, layout.v, layout.o = q, k, v, o
         # Other parameters of the attention module (norms, sinks) may be per head; `_plan` tells which from
         # the shapes the updated config builds, since sizes alone are ambiguous (head_dim can equal heads).
-        attn_mod = layer.get_submodule(attn)
-        proj_mods = {id(p.module) for p in in_attn.values()}
+        attn_mod = adapter.layers[index].get_submodule(attention.module)
+        proj_mods = {id(projs[attention.qualified(r)].module) for r in attention.projections}
         for name, mod in attn_mod.named_modules():
             if id(mod) not in proj_mods:
                 for pname, _ in mod.named_parameters(recurse=False):
@@ -206,8 +195,8 @@ def _accepted_head_fractions(config, changes: dict[str, list], heads: int, kv: i
     ok = []
     for f in fractions:
         plan = HeadPlan.make(heads, kv, f)
-        trial = {**changes, _config_field(config, _HEAD_KEYS, heads): [heads, plan.heads_after]}
-        kv_key = next((k for k in _KV_KEYS if isinstance(getattr(config, k, None), int)), None)
+        trial = {**changes, _config_field(config, HEAD_COUNT_KEYS, heads): [heads, plan.heads_after]}
+        kv_key = next((k for k in KV_HEAD_COUNT_KEYS if isinstance(getattr(config, k, None), int)), None)
         if kv_key:
             trial[kv_key] = [kv, plan.kv_heads_after]
         if _config_problem(_updated(config, trial)) is None:
@@ -229,14 +218,13 @@ def _plan(model, params: StructuredParams) -> _Plan:
     adapter = ModelAdapter(model)
     config = model.config
     need_mlp, need_heads = params.mlp_sparsity > 0, params.head_sparsity > 0
-    heads = next((getattr(config, k) for k in _HEAD_KEYS if isinstance(getattr(config, k, None), int)), None)
-    kv_key = next((k for k in _KV_KEYS if isinstance(getattr(config, k, None), int)), None)
-    kv = getattr(config, kv_key) if kv_key else heads
+    heads, kv = adapter.head_counts()
+    kv_key = next((k for k in KV_HEAD_COUNT_KEYS if isinstance(getattr(config, k, None), int)), None)
     if need_heads and heads is None:
-        raise _unsupported(model, "attention heads", f"its config has none of {', '.join(_HEAD_KEYS)}", "head_sparsity")
-    layout, width, head_dim = _find_layout(model, adapter, 0, need_mlp, need_heads, heads or 0, kv or 0)
+        raise _unsupported(model, "attention heads", f"its config has none of {', '.join(HEAD_COUNT_KEYS)}", "head_sparsity")
+    layout, width, head_dim = _find_layout(model, adapter, 0, need_mlp, need_heads)
     for i in range(1, adapter.num_layers):
-        if _find_layout(model, adapter, i, need_mlp, need_heads, heads or 0, kv or 0)[:3] != (layout, width, head_dim):
+        if _find_layout(model, adapter, i, need_mlp, need_heads) != (layout, width, head_dim):
             raise _unsupported(model, "channels or heads", f"decoder layer {i} is laid out unlike layer 0", "mlp_sparsity/head_sparsity")
 
     changes: dict[str, list] = {}
@@ -255,7 +243,7 @@ def _plan(model, params: StructuredParams) -> _Plan:
     head_plan = None
     if need_heads:
         head_plan = HeadPlan.make(heads, kv, params.head_sparsity)
-        changes[_config_field(config, _HEAD_KEYS, heads)] = [heads, head_plan.heads_after]
+        changes[_config_field(config, HEAD_COUNT_KEYS, heads)] = [heads, head_plan.heads_after]
         if kv_key and head_plan.kv_heads_after != kv:
             changes[kv_key] = [kv, head_plan.kv_heads_after]
         # Written explicitly: many models derive head_dim (and their rotary size) as hidden_size / heads.
@@ -352,8 +340,7 @@ def _cut(layer: nn.Module, rel: str, rows: torch.Tensor | None = None, cols: tor
     if bias is not None:
         new.bias = bias
     new.train(mod.training)
-    parent, _, attr = rel.rpartition(".")
-    setattr(layer.get_submodule(parent) if parent else layer, attr, new)
+    replace_module(layer, rel, new)
 
 
 def _shrink(model, plan: _Plan, removed_channels: list[list[int]], removed_heads: list[list[int]]) -> list[str]:
@@ -390,10 +377,8 @@ def _shrink(model, plan: _Plan, removed_channels: list[list[int]], removed_heads
             for pname, kind in layout.head_params.items():
                 if not kind:
                     continue
-                owner_name, _, leaf = pname.rpartition(".")
-                owner = attn.get_submodule(owner_name) if owner_name else attn
-                p = getattr(owner, leaf)
-                setattr(owner, leaf, nn.Parameter(p.data.index_select(0, index[kind].to(p.device)).contiguous(), requires_grad=p.requires_grad))
+                p = attn.get_parameter(pname)
+                replace_parameter(attn, pname, nn.Parameter(p.data.index_select(0, index[kind].to(p.device)).contiguous(), requires_grad=p.requires_grad))
     for key, (_, after) in plan.config_changes.items():
         setattr(model.config, key, after)  # in place: modules keep references to this config object
     fresh_layers = plan.fresh.get_submodule(adapter.layer_list_name)

@@ -1,0 +1,2 @@
+"""Sparse-kernel runtime stages: route pruned projections through a sparse product where a measured gate says it pays."""
+from sparseforge.methods.kernels import sparse_kernel  # noqa: F401
