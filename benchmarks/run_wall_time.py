@@ -5,6 +5,7 @@ Usage: python benchmarks/run_wall_time.py [--repeats 2] [--no-load] [--full]
 
 Each repeat runs the installed `sparseforge run --out TMP` in a fresh subprocess (so imports, model loading and
 saving count, as for a user) while a separate busy-loop process spins on one core for the whole measurement.
+`run` picks its torch threads itself (`--threads auto`: the cores not kept busy by others, here 1).
 `--full` times `run --full` (the complete evaluation) instead. The machine's load average before and after is
 recorded, since other work on the machine lengthens the figure.
 """
@@ -35,6 +36,7 @@ def main() -> None:
 
     exe = shutil.which("sparseforge") or f"{sys.executable} -m sparseforge"
     burner = None if args.no_load else subprocess.Popen([sys.executable, "-c", BURNER])
+    time.sleep(1.0)  # the busy loop is running before the first run looks at the machine
     times, load_before = [], os.getloadavg()
     try:
         for _ in range(args.repeats):

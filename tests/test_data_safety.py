@@ -377,3 +377,22 @@ def test_speed_ratios_inside_the_spread_are_not_called_a_difference():
     assert "| prefill tokens/s | 1000 | 1150 | 1.15x (no measurable difference) |" in table
     assert "| decode tokens/s | 100.0 | 150.0 | 1.50x |" in table
     assert "medians of 3 repeats" in speed_note(dense)
+
+
+def test_auto_threads_leaves_busy_cores_alone(capsys):
+    from sparseforge.cli import auto_threads
+
+    from sparseforge.cli import busy_cores
+
+    assert auto_threads(cores=2, busy=0.1) == 2
+    assert auto_threads(cores=2, busy=1.0) == 1  # one core kept busy by another process
+    assert auto_threads(cores=2, busy=7.0) == 1  # never fewer than one
+    assert auto_threads(cores=16, busy=3.4) == 13
+    burner = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        time.sleep(0.5)
+        busy = busy_cores(0.5)
+    finally:
+        burner.kill()
+    assert busy is None or busy >= 0.8  # the busy loop shows up as (at least) one busy core
+    one_error_line(capsys, ["--threads", "zero", "methods"], EXIT_USER_ERROR, "--threads must be a positive integer")

@@ -7,6 +7,7 @@ import logging
 import os
 import pathlib
 import sys
+import time
 import warnings
 
 from sparseforge.errors import EXIT_ENVIRONMENT, EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_USER_ERROR, EnvironmentFailure, UserInputError
@@ -388,6 +389,8 @@ def build_parser() -> argparse.ArgumentParser:
                                      epilog="exit status: 0 ok, 1 internal error, 2 bad input, 3 machine limit (disk full, memory), 130 interrupted")
     parser.add_argument("--quiet", "-q", action="store_true", help="no progress bars or status lines (results still print)")
     parser.add_argument("--debug", action="store_true", help="show the full traceback of an error")
+    parser.add_argument("--threads", default="auto",
+                        help="CPU threads for torch: a number, or auto (the cores other processes are not keeping busy right now)")
     sub = parser.add_subparsers(dest="command", required=True)
     from sparseforge.kernels.base import kernel_names
 
@@ -465,6 +468,10 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     args.quiet = getattr(args, "quiet", False)
     args.debug = getattr(args, "debug", False)
+    try:
+        _set_threads(args.threads)
+    except UserInputError as exc:
+        return _fail(args, exc, "error:", EXIT_USER_ERROR, str(exc))
     if args.quiet:
         os.environ.setdefault("TQDM_DISABLE", "1")
         import transformers
@@ -502,6 +509,48 @@ def main(argv: list[str] | None = None) -> int:
             return _fail(args, exc, "error:", EXIT_ENVIRONMENT, "no space left on the device being written; free some space or write elsewhere")
         first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ""
         return _fail(args, exc, "internal error:", EXIT_INTERNAL, f"{type(exc).__name__}: {first}; rerun with --debug for the traceback and report it")
+
+
+def busy_cores(interval: float = 0.2) -> float | None:
+    """How many cores other processes keep busy right now, from two reads of /proc/stat `interval` seconds apart
+    (this process sleeps meanwhile). None where /proc/stat is not available."""
+    def read():
+        with open("/proc/stat") as f:
+            values = [int(v) for v in f.readline().split()[1:]]
+        return sum(values), values[3] + (values[4] if len(values) > 4 else 0)  # total, idle + iowait
+
+    try:
+        total0, idle0 = read()
+        time.sleep(interval)
+        total1, idle1 = read()
+    except (OSError, ValueError, IndexError):
+        return None
+    if total1 <= total0:
+        return None
+    return (os.cpu_count() or 1) * (1 - (idle1 - idle0) / (total1 - total0))
+
+
+def auto_threads(cores: int | None = None, busy: float | None = None) -> int:
+    """Threads for torch on a shared machine: the cores that other processes are not already keeping busy.
+    torch's thread pool synchronises every operation, so one thread that shares its core with another busy
+    process slows all of them: on a 2-core machine with one core busy, 1 thread beats 2."""
+    cores = cores or os.cpu_count() or 1
+    if busy is None:
+        busy = busy_cores()
+        if busy is None:
+            busy = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+    return max(1, min(cores, cores - int(busy + 0.5)))
+
+
+def _set_threads(value: str) -> None:
+    import torch
+
+    if value == "auto":
+        torch.set_num_threads(min(torch.get_num_threads(), auto_threads()))
+        return
+    if not str(value).isdigit() or int(value) < 1:
+        raise UserInputError(f"--threads must be a positive integer or 'auto', got {value!r}")
+    torch.set_num_threads(int(value))
 
 
 def _fail(args, exc: BaseException, kind: str, code: int, message: str) -> int:
