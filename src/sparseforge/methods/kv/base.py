@@ -462,6 +462,10 @@ class KVPress(RuntimeMethod):
     def load_state(self, state: RuntimeState) -> None:
         """Read what `calibrate` produced (per-head flags, ...). Default: nothing."""
 
+    def report(self, state: RuntimeState) -> dict:
+        """Stage-report fields: which modes this press compresses in (docs/methods/kv.md)."""
+        return {"compresses_while_decoding": bool(self.decodes), "chunked_prefill": bool(self.chunks)}
+
     @contextlib.contextmanager
     def schedule(self, every_forward: bool = False, prompt_len: int | None = None):
         """Compress every multi-token forward to the ratio (`every_forward`), or every forward to the budget of a

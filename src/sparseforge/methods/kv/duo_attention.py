@@ -210,5 +210,5 @@ class DuoAttention(KVPress):
     def report(self, state: RuntimeState) -> dict:
         flags = state.tensors.get("retrieval_heads")
         if flags is None:
-            return {}
-        return {"retrieval_heads": int(flags.sum()), "kv_heads": int(flags.numel())}
+            return super().report(state)
+        return {**super().report(state), "retrieval_heads": int(flags.sum()), "kv_heads": int(flags.numel())}

@@ -9,7 +9,8 @@ whatever its residual length, transformers #35185). Attention reads the dequanti
 dequantized older tokens, then the full-precision residual and its own new tokens.
 
 MiKV-style option (`mikv_press`): at the prompt's prefill, the tokens that press would evict at
-`compression_ratio` are stored at `low_bits` instead of being dropped; the others at `bits`.
+`compression_ratio` are stored at `low_bits` instead of being dropped; the others at `bits`. The split is made on
+the first forward's tokens (with chunked prefill: the first chunk's); later tokens are quantized at `bits`.
 
 Bytes, per token and KV head of head size D, with float16 statistics: keys D*bits/8 + 4*D/group_size, values
 D*bits/8 + 4*D/group_size (for group_size channels per value group); at bits 4, group 64: 0.28x of float16,
