@@ -310,7 +310,8 @@ class _ModuleHook:
         layer = self.layer
         want = self.press.query_window if layer is not None else 0
         if want:
-            self.queries = query if want < 0 else query[:, :, -want:]
+            # A copy of the window, so the whole query tensor is not kept alive until the post-hook.
+            self.queries = query if want < 0 or want >= query.shape[2] else query[:, :, -want:].clone()
         if layer is not None and hasattr(layer, "attend"):
             return layer.attend(inner, module, query, key, value, attention_mask, **kwargs)
         return inner(module, query, key, value, fit_mask(attention_mask, query, key.shape[-2]), **kwargs)
