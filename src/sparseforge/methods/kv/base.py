@@ -402,7 +402,8 @@ class KVPress(RuntimeMethod):
             target = layer.budget
         if target is None:
             return
-        self.peak_cache_bytes = max(self.peak_cache_bytes, cache_bytes(cache))
+        if n_new > 1:  # a decode step adds one token a layer; counting every layer each step would cost O(layers²)
+            self.peak_cache_bytes = max(self.peak_cache_bytes, cache_bytes(cache))
         self.compress_layer(module, layer, queries, index, target)
         if layer.budget is None or self._prompt_len is not None or self._every_forward:
             layer.budget = target

@@ -233,7 +233,8 @@ class KIVI(KVPress):
             self._split_prompt(module, layer, queries, index)
         from sparseforge.methods.kv.base import cache_bytes
 
-        self.peak_cache_bytes = max(self.peak_cache_bytes, cache_bytes(cache))
+        if layer.last_update > 1:  # prefill only: see KVPress.after_forward
+            self.peak_cache_bytes = max(self.peak_cache_bytes, cache_bytes(cache))
 
     def _split_prompt(self, module, layer: KIVILayer, queries, index) -> None:
         """MiKV: the prompt's tokens outside the residual window go to `bits` when the scorer keeps them, else to
