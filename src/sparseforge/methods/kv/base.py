@@ -101,6 +101,14 @@ class PressLayer(DynamicLayer):
 
     def keep(self, index: torch.Tensor) -> None:
         """Keep the tokens at `index` `[batch, kv_heads, n]` (ascending), dropping the rest; memory is freed."""
+        if bool((index == index[:1, :1]).all()):
+            # One selection for every head (StreamingLLM, TOVA): a plain index_select, several times faster than
+            # a gather with a per-element index.
+            flat = index[0, 0]
+            self.keys = self.keys.index_select(2, flat)
+            self.values = self.values.index_select(2, flat)
+            self.extras = {k: v.index_select(2, flat) for k, v in self.extras.items()}
+            return
         gather = index.unsqueeze(-1).expand(*index.shape, self.keys.shape[-1])
         self.keys = self.keys.gather(2, gather).contiguous()
         self.values = self.values.gather(2, index.unsqueeze(-1).expand(*index.shape, self.values.shape[-1])).contiguous()
