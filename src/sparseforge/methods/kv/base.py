@@ -195,10 +195,6 @@ def check_positive(value: int, where: str, name: str, minimum: int = 1) -> None:
 # ----------------------------------------------------------------------------- attention helpers
 
 
-def kv_heads_of(module: nn.Module, query_heads: int, kv_heads: int) -> int:
-    return max(1, query_heads // max(1, kv_heads))
-
-
 def attention_mass(module: nn.Module, queries: torch.Tensor, keys: torch.Tensor, chunk: int = 256) -> torch.Tensor:
     """Sum over `queries` of their attention probabilities over `keys`, averaged over each KV head's query group:
     `[batch, kv_heads, held]` in float32.
