@@ -408,3 +408,16 @@ def test_keep_same_index_for_every_head_equals_gather():
     per_head = torch.tensor([[[0, 1], [2, 3], [4, 5]]]).expand(2, 3, 2)
     other.keep(per_head)
     assert torch.equal(other.keys[:, 1], k[:, 1, 2:4]) and torch.equal(other.keys[:, 2], k[:, 2, 4:6])
+
+
+def test_a_cache_the_caller_creates_without_config_is_pressed_too():
+    model = kv_model("qwen2")
+    p = press("streaming_llm", compression_ratio=0.5)
+    p.attach(model)
+    try:
+        cache = DynamicCache()  # layers appear lazily, one per layer on first use
+        run(model, ids(40), cache)
+    finally:
+        p.detach(model)
+    assert [type(layer).__name__ for layer in cache.layers] == ["PressLayer", "PressLayer"]
+    assert [layer.held() for layer in cache.layers] == [20, 20] and cache.get_seq_length() == 40
