@@ -168,11 +168,12 @@ def zeros(w: torch.Tensor) -> torch.Tensor:
 @pytest.mark.parametrize("arch", sorted(set(ARCHITECTURES) - FUSED_EXPERTS))
 @pytest.mark.parametrize("method", ["wanda", "sparsegpt"])
 @pytest.mark.parametrize("pattern", ["unstructured", "2:4"])
-def test_calibrated_methods_compress_every_architecture(arch, method, pattern, tokenizer):
+def test_calibrated_methods_compress_every_architecture(arch, method, pattern, tokenizer, tmp_path):
     torch.set_num_threads(1)
     dense = tiny_model(arch)
     before = copy.deepcopy(dense.state_dict())
-    model, report = sparseforge.compress(dense, parse_recipe(calibrated_recipe(method, pattern)), tokenizer, progress=False)
+    recipe = parse_recipe(calibrated_recipe(method, pattern))
+    model, report = sparseforge.compress(dense, recipe, tokenizer, progress=False)
     stage = report["stages"][0]
     projections = ModelAdapter(model).projections()
     assert sorted(stage["projections"]) == sorted(projections)
@@ -196,7 +197,9 @@ def test_calibrated_methods_compress_every_architecture(arch, method, pattern, t
         assert torch.isfinite(out).all()
         assert not torch.allclose(out, dense(input_ids=ids).logits, atol=1e-4)
         generated = model.generate(ids, max_new_tokens=3, do_sample=False, pad_token_id=0)  # through the cache
-    assert generated.shape == (1, 15)
+        assert generated.shape == (1, 15)
+        sparseforge.save(model, tmp_path / "a", tokenizer, recipe=recipe)
+        assert torch.equal(sparseforge.load(tmp_path / "a")(input_ids=ids).logits, out)
 
 
 @pytest.mark.moe_calibration  # issue 15 observes fused experts per expert; then these compress like the rest

@@ -364,3 +364,60 @@ def test_hybrid_model_presses_its_full_attention_layers_only():
     kinds = [type(layer).__name__ for layer in cache.layers]
     assert kinds == ["DynamicSlidingWindowLayer", "PressLayer"]
     assert cache.layers[1].held() == 32 + 3 and torch.isfinite(out.logits).all()
+
+
+def test_head_split_attention_matches_per_head_reference():
+    """Each query head attends to its own KV head's cache: every token for a retrieval head, sinks + window for
+    a streaming head; new tokens causally (checked against softmax(q kᵀ / √d) v written out per head)."""
+    from types import SimpleNamespace
+
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    torch.manual_seed(0)
+    layer = HeadSplitLayer(torch.tensor([1]), torch.tensor([0]), n_sink=2, window=5)
+    k0, v0 = torch.randn(1, 2, 30, 8), torch.randn(1, 2, 30, 8)
+    layer.update(k0, v0)
+    layer.trim()
+    module = SimpleNamespace(num_key_value_groups=2, is_causal=True, training=False)
+    new_k, new_v = torch.randn(1, 2, 3, 8), torch.randn(1, 2, 3, 8)
+    keys, values = layer.update(new_k, new_v)
+    query = torch.randn(1, 4, 3, 8)
+    out, _ = layer.attend(sdpa_attention_forward, module, query, keys, values, None, scaling=8**-0.5)
+    assert out.shape == (1, 3, 4, 8)
+    kept = {0: torch.cat([torch.arange(2), torch.arange(25, 30)]), 1: torch.arange(30)}  # streaming head 0, retrieval 1
+    for h in range(4):
+        kv = h // 2
+        k = torch.cat([k0[0, kv, kept[kv]], new_k[0, kv]])
+        v = torch.cat([v0[0, kv, kept[kv]], new_v[0, kv]])
+        scores = query[0, h] @ k.T * 8**-0.5
+        past = len(kept[kv])
+        causal = torch.arange(len(k))[None] <= past + torch.arange(3)[:, None]
+        ref = scores.masked_fill(~causal, float("-inf")).softmax(-1) @ v
+        torch.testing.assert_close(out[0, :, h], ref, rtol=1e-5, atol=1e-6)
+
+
+def test_keep_same_index_for_every_head_equals_gather():
+    layer = PressLayer()
+    k = torch.randn(2, 3, 20, 4)
+    layer.update(k, k + 1)
+    index = torch.tensor([0, 3, 7, 19]).expand(2, 3, 4)
+    layer.keep(index)
+    assert torch.equal(layer.keys, k[:, :, [0, 3, 7, 19]]) and torch.equal(layer.values, k[:, :, [0, 3, 7, 19]] + 1)
+    other = PressLayer()
+    other.update(k, k)
+    per_head = torch.tensor([[[0, 1], [2, 3], [4, 5]]]).expand(2, 3, 2)
+    other.keep(per_head)
+    assert torch.equal(other.keys[:, 1], k[:, 1, 2:4]) and torch.equal(other.keys[:, 2], k[:, 2, 4:6])
+
+
+def test_a_cache_the_caller_creates_without_config_is_pressed_too():
+    model = kv_model("qwen2")
+    p = press("streaming_llm", compression_ratio=0.5)
+    p.attach(model)
+    try:
+        cache = DynamicCache()  # layers appear lazily, one per layer on first use
+        run(model, ids(40), cache)
+    finally:
+        p.detach(model)
+    assert [type(layer).__name__ for layer in cache.layers] == ["PressLayer", "PressLayer"]
+    assert [layer.held() for layer in cache.layers] == [20, 20] and cache.get_seq_length() == 40

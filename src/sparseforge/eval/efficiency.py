@@ -15,7 +15,7 @@ import torch
 from sparseforge.core.adapter import ModelAdapter
 from sparseforge.core.offload import offload_store
 from sparseforge.errors import UserInputError
-from sparseforge.eval.perplexity import accepts_argument, eval_mode, max_positions, model_device
+from sparseforge.eval.perplexity import accepts_argument, cache_argument, eval_mode, max_positions, model_device
 
 T = TypeVar("T")
 
@@ -130,7 +130,7 @@ def speed(
     The prompt is `prompt_len` random token ids (seeded, so runs compare like with like). Prefill is one
     forward pass over the prompt with the KV cache on (logits for the last position only, when the model
     allows it, as generation does); decode is a greedy loop of `new_tokens` steps that feeds one token at a
-    time with `past_key_values` and `use_cache=True`, after an untimed prefill. Each is run `warmup` times
+    time with the cache from the previous step and `use_cache=True`, after an untimed prefill. Each is run `warmup` times
     untimed, then `repeats` times; the medians are reported.
 
     Returns {"prefill_tokens_per_s": prompt_len / prefill median, "decode_tokens_per_s": new_tokens / decode
@@ -157,10 +157,12 @@ def speed(
     def prefill():
         return model(input_ids=prompt, use_cache=True, **last_only)
 
+    key = cache_argument(model)
+
     def decode_loop(out):
         past, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
         for _ in range(new_tokens):
-            out = model(input_ids=token, past_key_values=past, use_cache=True)
+            out = model(input_ids=token, use_cache=True, **{key: past})
             past, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
         return token
 

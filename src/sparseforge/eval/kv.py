@@ -46,6 +46,8 @@ def kv_perplexity(model, tokenizer, text: str, chunk: int = 256, max_tokens: int
     device = model_device(model)
     all_ids = torch.tensor([ids], dtype=torch.long, device=device)
     press = _press(model)
+    if press is not None:
+        press.peak_cache_bytes = 0  # the press's own record, which earlier runs (retrieval) also raised
     schedule = press.schedule(every_forward=True) if press is not None else contextlib.nullcontext()
     key = cache_argument(model)
     nll, scored, cache, carry, peak = 0.0, 0, None, None, 0

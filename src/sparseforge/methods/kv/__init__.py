@@ -11,9 +11,12 @@ Stable API (used by the benchmarks, `sparseforge generate` and eval):
 
     from sparseforge.methods.kv import generate_with_press, cache_bytes, attached_press
     r = generate_with_press(model, input_ids, press, max_new_tokens=32, chunk_size=None)
-    #  -> GenerationResult(tokens, ttft_s, tpot_s, peak_cache_bytes, final_cache_bytes, full_cache_bytes, cache)
+    #  -> GenerationResult(tokens, ttft_s, tpot_s, peak_cache_bytes, final_cache_bytes, full_cache_bytes,
+    #                      prompt_len, chunk_size, cache); .to_json() drops the cache
     #  chunk_size=C: prefill C tokens at a time, compressing to the prompt's budget after each chunk
     cache_bytes(cache) -> int                    # exact bytes of every tensor the Cache holds
+    full_cache_bytes(cache, dtype=None) -> int   # what the same tokens take uncompressed (dtype: e.g. float16)
+    press.peak_cache_bytes                       # cache bytes at their peak inside prefill forwards (reset it)
     attached_press(model) -> KVPress | None
 
     with press.schedule(every_forward=True): ...  # compress every multi-token forward (kv_perplexity)

@@ -204,11 +204,12 @@ class DuoAttention(KVPress):
         if isinstance(layer, HeadSplitLayer):
             from sparseforge.methods.kv.base import cache_bytes
 
-            self.peak_cache_bytes = max(self.peak_cache_bytes, cache_bytes(cache))
+            if layer.last_update > 1:  # prefill only: see KVPress.after_forward
+                self.peak_cache_bytes = max(self.peak_cache_bytes, cache_bytes(cache))
             layer.trim()
 
     def report(self, state: RuntimeState) -> dict:
         flags = state.tensors.get("retrieval_heads")
         if flags is None:
-            return {}
-        return {"retrieval_heads": int(flags.sum()), "kv_heads": int(flags.numel())}
+            return super().report(state)
+        return {**super().report(state), "retrieval_heads": int(flags.sum()), "kv_heads": int(flags.numel())}

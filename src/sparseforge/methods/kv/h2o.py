@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 
-import torch
-
 from sparseforge.errors import UserInputError
 from sparseforge.methods.base import param, register
 from sparseforge.methods.kv.base import KVPress, KVPressParams, attention_mass, prefix, recent_bonus

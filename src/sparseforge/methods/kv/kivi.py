@@ -9,7 +9,8 @@ whatever its residual length, transformers #35185). Attention reads the dequanti
 dequantized older tokens, then the full-precision residual and its own new tokens.
 
 MiKV-style option (`mikv_press`): at the prompt's prefill, the tokens that press would evict at
-`compression_ratio` are stored at `low_bits` instead of being dropped; the others at `bits`.
+`compression_ratio` are stored at `low_bits` instead of being dropped; the others at `bits`. The split is made on
+the first forward's tokens (with chunked prefill: the first chunk's); later tokens are quantized at `bits`.
 
 Bytes, per token and KV head of head size D, with float16 statistics: keys D*bits/8 + 4*D/group_size, values
 D*bits/8 + 4*D/group_size (for group_size channels per value group); at bits 4, group 64: 0.28x of float16,
@@ -232,7 +233,8 @@ class KIVI(KVPress):
             self._split_prompt(module, layer, queries, index)
         from sparseforge.methods.kv.base import cache_bytes
 
-        self.peak_cache_bytes = max(self.peak_cache_bytes, cache_bytes(cache))
+        if layer.last_update > 1:  # prefill only: see KVPress.after_forward
+            self.peak_cache_bytes = max(self.peak_cache_bytes, cache_bytes(cache))
 
     def _split_prompt(self, module, layer: KIVILayer, queries, index) -> None:
         """MiKV: the prompt's tokens outside the residual window go to `bits` when the scorer keeps them, else to
