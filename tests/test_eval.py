@@ -37,14 +37,6 @@ from sparseforge.eval.perplexity import encode  # noqa: E402
 TOKENIZER_DIR = pathlib.Path(__file__).resolve().parents[1] / "src" / "sparseforge" / "assets" / "reference-model"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def single_thread():
-    # The test machine is small and shared; one intra-op thread avoids oversubscription stalls.
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
 
 @pytest.fixture(scope="module")
 def tokenizer():

@@ -19,13 +19,6 @@ from sparseforge.methods.kv.base import cache_argument  # noqa: E402
 from sparseforge.methods.kv.kivi import KIVILayer, dequantize, pack, quantize, unpack  # noqa: E402
 
 
-@pytest.fixture(scope="module", autouse=True)
-def single_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
 
 def kivi(**params):
     cls = get_method("kivi")

@@ -26,13 +26,6 @@ EVICTING = ["streaming_llm", "knorm", "snapkv", "pyramidkv", "tova", "h2o"]
 UNIFORM = ["streaming_llm", "knorm", "snapkv", "tova", "h2o"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def single_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
 
 _MODELS: dict = {}
 

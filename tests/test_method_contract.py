@@ -21,13 +21,6 @@ METHODS = all_methods()
 CALIBRATION = dict(samples=2, seq_len=32)  # enough for every statistic, seconds per method
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def _logits(model, ids):
     with torch.no_grad():

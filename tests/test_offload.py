@@ -1,7 +1,6 @@
 """Disk offload: compressing with one decoder layer in memory gives exactly what in-memory compression gives."""
 import gc
 import json
-import pathlib
 
 import pytest
 import torch

@@ -22,13 +22,6 @@ KERNEL_STAGE = "  - method: sparse-kernel\n    params: {kernel: csr, token_count
 RECIPE = "name: mag-csr\ncalibration: {samples: 2, seq_len: 32}\nstages:\n  - method: magnitude\n    params: {sparsity: 0.5}\n" + KERNEL_STAGE
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 @dataclasses.dataclass
 class OffsetParams:

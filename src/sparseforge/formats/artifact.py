@@ -253,7 +253,6 @@ def _compact_weights(model, directory: pathlib.Path) -> tuple[dict[str, dict], d
 
 def _load_compact(path: pathlib.Path, info: dict, dtype):
     """Build the model from its config and fill it from the packed weights, exactly."""
-    import torch
     from safetensors.torch import load_file
     from transformers import AutoConfig, AutoModelForCausalLM
 
