@@ -500,8 +500,9 @@ def main() -> None:
                 partial["kvpress"][grid_key(entry)] = entry
             partial["kvpress_env"] = (kres or {}).get("environment") or partial.get("kvpress_env")
             save_partial()
-            if reason:
-                print((work / "kvpress_worker.log").read_text()[-3000:])
+            log = work / "kvpress_worker.log"
+            if reason and log.is_file():
+                print(log.read_text()[-3000:])
         if mem_thread.is_alive():
             mem_thread.join()
         print(f"done in {time.perf_counter() - t0:.0f} s, kvpress {reason or 'ok'}", flush=True)
