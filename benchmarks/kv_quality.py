@@ -70,18 +70,20 @@ def with_press(model, tok, press, args) -> dict:
 
 
 def rows_plan(args) -> list[dict]:
-    plan = [{"row": "none", "press": None, "ratio": 0.0}]
-    # Ratio-major, the issue's headline ratio first, so a run cut short still has every press at 0.875.
-    for r in sorted(args.ratios, key=lambda x: (x != 0.875, x)):
-        for p in args.presses:
-            plan.append({"row": f"{p}-{r:g}", "press": p, "ratio": r, "params": {"compression_ratio": r}})
-    if not args.no_kivi:
-        for bits in (4, 2):
-            plan.append({"row": f"kivi-{bits}bit", "press": "kivi", "ratio": None, "params": {"bits": bits}})
+    """Most decisive rows first, so a run cut short still has them: every press at the issue's headline ratio
+    0.875, the composed recipe and its parts, KIVI, then the other ratios."""
+    press_rows = {r: [{"row": f"{p}-{r:g}", "press": p, "ratio": r, "params": {"compression_ratio": r}} for p in args.presses]
+                  for r in args.ratios}
+    plan = [{"row": "none", "press": None, "ratio": 0.0}] + press_rows.pop(0.875, [])
     if not args.no_composed:
-        plan.append({"row": "sparsegpt-50", "weights": "sparsegpt-50", "press": None, "ratio": 0.0})
-        plan.append({"row": "sparsegpt-50+snapkv-75", "weights": "sparsegpt-50", "press": "snapkv", "ratio": 0.75,
-                     "params": {"compression_ratio": 0.75}})
+        plan += [{"row": "snapkv-0.75", "press": "snapkv", "ratio": 0.75, "params": {"compression_ratio": 0.75}},
+                 {"row": "sparsegpt-50", "weights": "sparsegpt-50", "press": None, "ratio": 0.0},
+                 {"row": "sparsegpt-50+snapkv-75", "weights": "sparsegpt-50", "press": "snapkv", "ratio": 0.75,
+                  "params": {"compression_ratio": 0.75}}]
+    if not args.no_kivi:
+        plan += [{"row": f"kivi-{bits}bit", "press": "kivi", "ratio": None, "params": {"bits": bits}} for bits in (4, 2)]
+    for r in sorted(press_rows, key=lambda x: (x != 0.75, x)):
+        plan += [row for row in press_rows[r] if row["row"] not in {p["row"] for p in plan}]
     return plan
 
 

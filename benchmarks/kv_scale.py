@@ -262,6 +262,7 @@ def main() -> None:
     ap.add_argument("--redo", action="store_true", help="rerun cells already in the results")
     ap.add_argument("--timeout", type=float, default=3000, help="seconds per cell")
     ap.add_argument("--name", default=NAME, help="results file stem (a smoke run should not overwrite the real one)")
+    ap.add_argument("--merge", default="", help="results file stems whose cells are copied in (runs made in parallel); then exit")
     args = ap.parse_args()
     if args.cell:
         print(json.dumps(cell(json.loads(args.cell))))
@@ -270,8 +271,20 @@ def main() -> None:
     path = kc.RESULTS / f"{args.name}.json"
     doc = json.loads(path.read_text()) if path.is_file() else {"cells": []}
     doc["args"] = vars(args) | {"command": " ".join(sys.argv)}
+    doc.setdefault("commands", []).append(" ".join(sys.argv))  # every invocation that wrote into this file
     doc["config"] = CONFIG
     done = {cell_key(r["cell"]): i for i, r in enumerate(doc["cells"])}
+    if args.merge:
+        for other in args.merge.split(","):
+            for r in json.loads((kc.RESULTS / f"{other}.json").read_text())["cells"]:
+                key = cell_key(r["cell"])
+                if key in done:
+                    doc["cells"][done[key]] = r
+                else:
+                    done[key] = len(doc["cells"])
+                    doc["cells"].append(r)
+        kc.write(args.name, doc, markdown(doc))
+        return
     for c in plan(args):
         key = cell_key(c)
         if key in done and not args.redo and "error" not in doc["cells"][done[key]]["result"]:

@@ -55,6 +55,7 @@ import shutil
 import statistics
 import sys
 import tempfile
+import threading
 import time
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
@@ -117,12 +118,18 @@ def kvpress_press(name: str, ratio: float):
     return getattr(kvpress, cls)(compression_ratio=ratio, **kwargs)
 
 
+PREFILL_ONLY = False  # --prefill-only: sparseforge presses do not evict while decoding (kvpress's behaviour)
+
+
 def sparseforge_press(name: str, ratio: float):
     from sparseforge.methods import get_method
 
     method_name, params = PRESSES[name][0]
     method = get_method(method_name)
-    return method(method.parse_params({"compression_ratio": ratio, **params}))
+    press = method(method.parse_params({"compression_ratio": ratio, **params}))
+    if PREFILL_ONLY:
+        press.decodes = False  # the instance attribute shadows the class's: compress the prefill only
+    return press
 
 
 def load_model(tool: str, model_dir: str, threads: int):
@@ -151,8 +158,13 @@ def attached(model, press):
         press.detach(model)
 
 
-def run_grid(tool: str, model, episodes: list[dict], grid: list[dict]) -> list[dict]:
-    """Decoded answer ids for every (press, ratio, mode, episode) of `grid` with one tool."""
+def grid_key(g: dict) -> str:
+    return f"{g['press']}|{g['ratio']:g}|{g['mode']}|{g['task']}|{g['length']}"
+
+
+def run_grid(tool: str, model, episodes: list[dict], grid: list[dict], on_cell=None) -> list[dict]:
+    """Decoded answer ids for every (press, ratio, mode, episode) of `grid` with one tool; `on_cell(entry)` is
+    called after each cell (the callers save partial results there)."""
     out = []
     for g in grid:
         entry = dict(g)
@@ -183,6 +195,8 @@ def run_grid(tool: str, model, episodes: list[dict], grid: list[dict]) -> list[d
             traceback.print_exc()
             entry["error"] = f"{type(exc).__name__}: {exc}"[:500]
         out.append(entry)
+        if on_cell is not None:
+            on_cell(entry)
         print(tool, g["press"], g["ratio"], g["mode"], g["task"], g["length"], entry.get("error", "ok"), flush=True)
     return out
 
@@ -191,7 +205,7 @@ def run_grid(tool: str, model, episodes: list[dict], grid: list[dict]) -> list[d
 
 def worker(spec_path: str) -> None:
     spec = json.loads(pathlib.Path(spec_path).read_text())
-    result = {"environment": None, "runs": []}
+    result = {"environment": None, "runs": [], "settings": spec.get("settings")}
     try:
         model = load_model("kvpress", spec["model_dir"], spec["threads"])
         env = kc.machine(spec["threads"])
@@ -200,7 +214,12 @@ def worker(spec_path: str) -> None:
         env["kvpress"] = metadata.version("kvpress")
         result["environment"] = env
         episodes = json.loads(pathlib.Path(spec["episodes"]).read_text())
-        result["runs"] = run_grid("kvpress", model, episodes, spec["grid"])
+
+        def save(entry):
+            result["runs"].append(entry)
+            pathlib.Path(spec["result"]).write_text(json.dumps(result))
+
+        run_grid("kvpress", model, episodes, spec["grid"], on_cell=save)
     except Exception as exc:
         result["error"] = f"{type(exc).__name__}: {exc}"
         raise
@@ -262,17 +281,18 @@ def build_episodes(lengths, per_depth: int, seed: int) -> list[dict]:
 
 
 def build_grid(presses, lengths, tool: str, modes: list[tuple[str, str]]) -> list[dict]:
-    grid = []
+    """Column by column (the first column first for every press), the presses both tools have before the
+    kvpress-only reference rows, so a run cut short has the comparable cells."""
+    grid, refs = [], []
     for L in lengths:
         for mode, task in modes:
-            if True:
-                grid.append({"press": "none", "ratio": 0.0, "mode": mode, "task": task, "length": L})
-                for p in presses:
-                    if PRESSES[p][0 if tool == "sparseforge" else 1] is None:
-                        continue
-                    for r in RATIOS:
-                        grid.append({"press": p, "ratio": r, "mode": mode, "task": task, "length": L})
-    return grid
+            grid.append({"press": "none", "ratio": 0.0, "mode": mode, "task": task, "length": L})
+            for p in presses:
+                if PRESSES[p][0 if tool == "sparseforge" else 1] is None:
+                    continue
+                for r in RATIOS:
+                    (refs if PRESSES[p][0] is None else grid).append({"press": p, "ratio": r, "mode": mode, "task": task, "length": L})
+    return grid + refs
 
 
 def score(runs: list[dict], episodes: list[dict]) -> list[dict]:
@@ -386,6 +406,9 @@ def main() -> None:
                     help="mode:task pairs to run (modes aware, agnostic; tasks passkey, multikey)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--name", default=NAME)
+    ap.add_argument("--report-only", action="store_true", help="write the report from the cells measured so far, run nothing")
+    ap.add_argument("--prefill-only", action="store_true",
+                    help="diagnostic: sparseforge presses that evict while decoding (StreamingLLM, TOVA) compress the prefill only, as kvpress does")
     args = ap.parse_args()
     if args.worker:
         worker(args.worker)
@@ -396,6 +419,8 @@ def main() -> None:
 
     import torch
 
+    global PREFILL_ONLY
+    PREFILL_ONLY = args.prefill_only
     torch.set_num_threads(args.threads)
     lengths = [int(x) for x in args.lengths.split(",")]
     presses = [p for p in args.presses.split(",") if p]
@@ -406,39 +431,85 @@ def main() -> None:
     if any(m not in MODES or t not in TASKS for m, t in modes):
         raise SystemExit(f"--columns takes mode:task pairs with modes {MODES} and tasks {TASKS}")
     episodes = build_episodes(lengths, args.per_depth, seed=0)
+    # Partial results survive a stopped run: cells already measured (same settings) are not run again.
+    partial_path = kc.RESULTS / f".{args.name}.partial.json"
+    settings = {"lengths": lengths, "per_depth": args.per_depth, "presses": presses, "columns": args.columns}
+    partial = json.loads(partial_path.read_text()) if partial_path.is_file() else {}
+    if partial.get("settings") != settings:
+        partial = {"settings": settings, "sparseforge": {}, "kvpress": {}, "memory": {}, "kvpress_env": None}
+    # The worker writes its cells here as it goes; a stopped run's cells are taken over when the settings match.
+    worker_path = kc.RESULTS / f".{args.name}.worker.json"
+    if worker_path.is_file():
+        old = json.loads(worker_path.read_text())
+        if old.get("settings") == settings:
+            partial["kvpress"].update({grid_key(e): e for e in old.get("runs", [])})
+            partial["kvpress_env"] = old.get("environment") or partial.get("kvpress_env")
+    lock = threading.Lock()
+
+    def save_partial():
+        with lock:
+            kc.RESULTS.mkdir(exist_ok=True)
+            partial_path.write_text(json.dumps(partial))
+
+    reason = None
     with tempfile.TemporaryDirectory(prefix="kvpress-compare-") as tmp:
         work = pathlib.Path(tmp)
+        if args.report_only:
+            modes, args.no_memory = [], True  # nothing to run: fall through to the report
         model_dir = work / "reference-model"
         shutil.copytree(kc.REFERENCE_MODEL, model_dir)
         (work / "episodes.json").write_text(json.dumps(episodes))
         t0 = time.perf_counter()
-        spec = {"model_dir": str(model_dir), "episodes": str(work / "episodes.json"), "result": str(work / "kvpress_result.json"),
-                "threads": args.threads, "grid": build_grid(presses, lengths, "kvpress", modes)}
-        proc = start_kvpress_worker(args.kvpress_python, spec, work)
-        model = load_model("sparseforge", str(model_dir), args.threads)
-        ours = run_grid("sparseforge", model, episodes, build_grid(presses, lengths, "sparseforge", modes))
-        kres, reason = finish_kvpress_worker(proc, args.kvpress_python, spec, work)
-        print(f"both grids: {time.perf_counter() - t0:.0f} s, kvpress {reason or 'ok'}", flush=True)
-        if reason:
-            print((work / "kvpress_worker.log").read_text()[-3000:])
-        rows = [r | {"tool": "sparseforge"} for r in score(ours, episodes)]
-        rows += [r | {"tool": "kvpress"} for r in score((kres or {}).get("runs", []), episodes)]
-        memory = []
-        if not args.no_memory:
+        todo_k = [g for g in build_grid(presses, lengths, "kvpress", modes) if grid_key(g) not in partial["kvpress"]]
+        spec = {"model_dir": str(model_dir), "episodes": str(work / "episodes.json"), "result": str(worker_path),
+                "threads": args.threads, "grid": todo_k, "settings": settings}
+        save_partial()
+        proc = start_kvpress_worker(args.kvpress_python, spec, work) if todo_k else None
+
+        def memory_cells():
             L = max(lengths)
             first = next(i for i, e in enumerate(episodes) if e["task"] == "passkey" and e["length"] == L)
             for p in ["none"] + presses:
                 for r in ([0.0] if p == "none" else RATIOS):
                     for tool in ("sparseforge", "kvpress"):
-                        if p != "none" and PRESSES[p][0 if tool == "sparseforge" else 1] is None:
+                        key = f"{tool}|{p}|{r:g}"
+                        if (p != "none" and PRESSES[p][0 if tool == "sparseforge" else 1] is None) or key in partial["memory"]:
                             continue
                         python = args.kvpress_python if tool == "kvpress" else sys.executable
                         cell = {"tool": tool, "press": p, "ratio": r, "model_dir": str(model_dir), "episodes": str(work / "episodes.json"),
                                 "episode": first, "threads": args.threads}
-                        m = kc.run_cell(python, SCRIPT, cell, timeout=600)
-                        memory.append({"tool": tool, "press": p, "ratio": r, "length": L} | m)
+                        m = kc.run_cell(python, SCRIPT, cell, timeout=900)
+                        partial["memory"][key] = {"tool": tool, "press": p, "ratio": r, "length": L} | m
+                        save_partial()
                         print("memory", tool, p, r, {k: v for k, v in m.items() if k not in ("env", "held")}, flush=True)
-    doc = {"environment": {"sparseforge": kc.machine(args.threads), "kvpress": (kres or {}).get("environment")},
+
+        mem_thread = threading.Thread(target=memory_cells, daemon=True)
+        if not args.no_memory:
+            mem_thread.start()
+        model = load_model("sparseforge", str(model_dir), args.threads)
+
+        def keep_ours(entry):
+            partial["sparseforge"][grid_key(entry)] = entry
+            save_partial()
+
+        todo_o = [g for g in build_grid(presses, lengths, "sparseforge", modes) if grid_key(g) not in partial["sparseforge"]]
+        run_grid("sparseforge", model, episodes, todo_o, on_cell=keep_ours)
+        if todo_k:
+            kres, reason = finish_kvpress_worker(proc, args.kvpress_python, spec, work)
+            for entry in (kres or {}).get("runs", []):
+                partial["kvpress"][grid_key(entry)] = entry
+            partial["kvpress_env"] = (kres or {}).get("environment") or partial.get("kvpress_env")
+            save_partial()
+            log = work / "kvpress_worker.log"
+            if reason and log.is_file():
+                print(log.read_text()[-3000:])
+        if mem_thread.is_alive():
+            mem_thread.join()
+        print(f"done in {time.perf_counter() - t0:.0f} s, kvpress {reason or 'ok'}", flush=True)
+    rows = [r | {"tool": "sparseforge"} for r in score(list(partial["sparseforge"].values()), episodes)]
+    rows += [r | {"tool": "kvpress"} for r in score(list(partial["kvpress"].values()), episodes)]
+    memory = list(partial["memory"].values())
+    doc = {"environment": {"sparseforge": kc.machine(args.threads), "kvpress": partial.get("kvpress_env")},
            "kvpress_unavailable": reason, "command": " ".join(sys.argv), "per_cell": args.per_depth * len(DEPTHS),
            "presses": {p: {"sparseforge": v[0], "kvpress": v[1]} for p, v in PRESSES.items() if p in presses},
            "accuracy": rows, "memory": memory,
