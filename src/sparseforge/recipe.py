@@ -179,7 +179,12 @@ class _Node:
         return f"{self.source}:{self.node.start_mark.line + 1}"
 
     def value(self) -> Any:
-        return yaml.load(yaml.serialize(self.node), Loader=_Loader)
+        # Construct straight from the node: re-serializing a null scalar gives a bare "..." that will not parse.
+        loader = _Loader("")
+        try:
+            return loader.construct_object(self.node, deep=True)
+        finally:
+            loader.dispose()
 
     def expect_mapping(self, what: str) -> None:
         if not isinstance(self.node, yaml.MappingNode):
