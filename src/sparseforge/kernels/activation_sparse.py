@@ -1,0 +1,303 @@
+"""Activation-sparse products: skip the weight rows whose input channel is zeroed.
+
+At decode time a projection multiplies one token (or a few) by its weight, and the product is bound by reading
+the weight from memory. When an input channel j is zero for every token of the call, weight column j is not
+needed at all; stored input-major (the transposed weight `wt`, [in, out]) that column is one contiguous row, so
+the product reads only the active rows and its floor falls with the activation density: 1/(1-s) faster at
+sparsity s. The threshold is fused: the kernel reads x, keeps x_j where |x_j| > threshold_j and accumulates
+x_j * wt[j, :] for the kept channels only.
+
+- `reference_product` is the pure-PyTorch definition (mask, then the dense product): every fast path is tested
+  against it, and it runs wherever the fast path cannot.
+- `row_skip_product` is the CPU kernel: a small C++ extension compiled on first use by
+  `torch.utils.cpp_extension` with the system's C++ compiler (gcc), cached under torch's extensions folder.
+  Why C++ rather than numba or `torch.compile`: see docs/methods/activations.md (measured by
+  benchmarks/activation_kernel.py); in short, the kernel is a data-dependent gather of rows that neither numba
+  (no bfloat16, no ATen thread pool, another heavy dependency) nor Inductor (no dynamic row skipping) expresses
+  well, while 60 lines of C++ reach the memory floor. With no compiler, `available()` is False, the reference
+  path runs and one warning says so.
+- `ActivationGate` keys timings by shape, dtype, token count and density bucket, measured on this machine; the
+  sparse path runs only where it measured faster than the dense product.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import os
+import threading
+
+import torch
+import torch.nn.functional as F
+
+from sparseforge.errors import UserInputError
+from sparseforge.kernels.base import median_seconds
+
+log = logging.getLogger(__name__)
+
+DTYPES = (torch.float32, torch.bfloat16)  # what the C++ kernel reads; others take the reference path
+DENSITY_STEP = 0.1  # gate buckets: density rounded UP to this step, so a call is never credited with a sparser timing
+
+_SOURCE = r"""
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+#include <cmath>
+#include <cstring>
+#include <vector>
+
+static inline float bf16_to_float(uint16_t v) {
+  uint32_t u = static_cast<uint32_t>(v) << 16;
+  float f;
+  std::memcpy(&f, &u, sizeof(f));
+  return f;
+}
+
+template <typename W, typename Load>
+static void accumulate(const W* wt, const std::vector<int64_t>& rows, const std::vector<float>& vals,
+                       float* y, int64_t T, int64_t out, Load load) {
+  // Each thread owns one contiguous slice of the output columns and streams its slice of every active row
+  // (long sequential reads, which the hardware prefetcher follows), four rows per pass over its accumulators.
+  const int64_t n = static_cast<int64_t>(rows.size());
+  constexpr int64_t LINE = 64 / sizeof(W);  // weights per cache line
+  const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
+  const int64_t grain = std::max<int64_t>(64, ((out + threads - 1) / threads + 15) / 16 * 16);
+  at::parallel_for(0, out, grain, [&](int64_t o0, int64_t o1) {
+    int64_t k = 0;
+    for (; k + 4 <= n; k += 4) {
+      const W* r0 = wt + rows[k] * out; const W* r1 = wt + rows[k + 1] * out;
+      const W* r2 = wt + rows[k + 2] * out; const W* r3 = wt + rows[k + 3] * out;
+      // The next group's rows are not adjacent to these, and hardware prefetchers stop at page boundaries:
+      // ask for them one cache line at a time while this group is being summed.
+      const W* p[4] = {r0, r1, r2, r3};
+      if (k + 8 <= n)
+        for (int i = 0; i < 4; ++i) p[i] = wt + rows[k + 4 + i] * out;
+      for (int64_t t = 0; t < T; ++t) {
+        const float a0 = vals[k * T + t], a1 = vals[(k + 1) * T + t], a2 = vals[(k + 2) * T + t], a3 = vals[(k + 3) * T + t];
+        float* __restrict__ yt = y + t * out;
+        for (int64_t c = o0; c < o1; c += LINE) {
+          if (t == 0)
+            for (int i = 0; i < 4; ++i) __builtin_prefetch(p[i] + c, 0, 1);
+          const int64_t e = std::min(o1, c + LINE);
+          for (int64_t o = c; o < e; ++o)
+            yt[o] += a0 * load(r0[o]) + a1 * load(r1[o]) + a2 * load(r2[o]) + a3 * load(r3[o]);
+        }
+      }
+    }
+    for (; k < n; ++k) {
+      const W* r0 = wt + rows[k] * out;
+      for (int64_t t = 0; t < T; ++t) {
+        const float a0 = vals[k * T + t];
+        float* __restrict__ yt = y + t * out;
+        for (int64_t o = o0; o < o1; ++o) yt[o] += a0 * load(r0[o]);
+      }
+    }
+  });
+}
+
+// x [T, in] (float32 or bfloat16), wt [in, out] (same dtype, contiguous), thr [in] float32.
+// Channel j is active when |x[t, j]| > thr[j] for some token t; masked-out entries of active rows are zero.
+std::vector<torch::Tensor> row_skip(torch::Tensor x, torch::Tensor wt, torch::Tensor thr) {
+  TORCH_CHECK(x.dim() == 2 && wt.dim() == 2 && x.size(1) == wt.size(0), "row_skip: shapes do not match");
+  TORCH_CHECK(thr.scalar_type() == torch::kFloat32 && thr.numel() == wt.size(0), "row_skip: thr must be float32 [in]");
+  auto xf = x.to(torch::kFloat32).contiguous();
+  auto th = thr.contiguous();
+  wt = wt.contiguous();
+  const int64_t T = xf.size(0), in = xf.size(1), out = wt.size(1);
+  const float* xp = xf.data_ptr<float>();
+  const float* tp = th.data_ptr<float>();
+  std::vector<int64_t> rows;
+  std::vector<float> vals;
+  rows.reserve(in);
+  vals.reserve(in * T);
+  int64_t kept = 0;
+  for (int64_t j = 0; j < in; ++j) {
+    bool any = false;
+    for (int64_t t = 0; t < T; ++t) any |= std::fabs(xp[t * in + j]) > tp[j];
+    if (!any) continue;
+    rows.push_back(j);
+    for (int64_t t = 0; t < T; ++t) {
+      const float v = xp[t * in + j];
+      const bool keep = std::fabs(v) > tp[j];
+      vals.push_back(keep ? v : 0.0f);
+      kept += keep;
+    }
+  }
+  auto y = torch::zeros({T, out}, xf.options());
+  float* yp = y.data_ptr<float>();
+  if (wt.scalar_type() == torch::kFloat32) {
+    accumulate(wt.data_ptr<float>(), rows, vals, yp, T, out, [](float v) { return v; });
+  } else {
+    TORCH_CHECK(wt.scalar_type() == torch::kBFloat16, "row_skip: weight must be float32 or bfloat16");
+    accumulate(reinterpret_cast<const uint16_t*>(wt.data_ptr<at::BFloat16>()), rows, vals, yp, T, out, bf16_to_float);
+  }
+  auto counts = torch::tensor({static_cast<int64_t>(rows.size()), kept}, torch::kInt64);
+  return {y.to(x.scalar_type()), counts};
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) { m.def("row_skip", &row_skip, "row-skipping activation-sparse product"); }
+"""
+
+_lock = threading.Lock()
+_module = None
+_failed: str | None = None
+
+
+def _build():
+    """Compile (or load from torch's extension cache) the C++ kernel once per process; None when impossible."""
+    global _module, _failed
+    with _lock:
+        if _module is not None or _failed is not None:
+            return _module
+        if os.environ.get("SPARSEFORGE_NO_CPP_KERNELS"):
+            _failed = "SPARSEFORGE_NO_CPP_KERNELS is set"
+        else:
+            try:
+                from torch.utils import cpp_extension
+
+                flags = ["-O3", "-march=native", "-fopenmp"]
+                _module = cpp_extension.load_inline("sparseforge_row_skip_v3", cpp_sources=_SOURCE, extra_cflags=flags,
+                                                    extra_ldflags=["-fopenmp"], verbose=False)
+            except Exception as exc:  # no compiler, no ninja, no headers: the reference path still works
+                _failed = f"{type(exc).__name__}: {str(exc).strip().splitlines()[-1] if str(exc).strip() else ''}"
+        if _failed is not None:
+            log.warning("sparseforge: the row-skipping CPU kernel could not be built (%s); activation-sparse projections use the "
+                        "reference path (mask, then the dense product), which is correct but not faster. Install a C++ compiler "
+                        "(gcc) and ninja to enable it.", _failed)
+        return _module
+
+
+def available() -> bool:
+    """Whether the C++ row-skipping kernel can run in this process (builds it on first call)."""
+    return _build() is not None
+
+
+def supports(device: torch.device, dtype: torch.dtype) -> bool:
+    return torch.device(device).type == "cpu" and dtype in DTYPES and available()
+
+
+def _as_vector(threshold, in_features: int, device) -> torch.Tensor:
+    t = torch.as_tensor(threshold, dtype=torch.float32, device=device)
+    return t.expand(in_features).contiguous() if t.dim() == 0 else t.contiguous()
+
+
+def reference_product(x: torch.Tensor, weight: torch.Tensor, threshold) -> torch.Tensor:
+    """x [..., in] with every entry |x_j| <= threshold_j zeroed, times weight [out, in] transposed (F.linear)."""
+    t = _as_vector(threshold, weight.shape[1], x.device)
+    keep = x.abs() > t.to(x.dtype) if x.dtype != torch.float32 else x.abs() > t
+    return F.linear(x * keep, weight)
+
+
+def row_skip_product(x: torch.Tensor, weight_t: torch.Tensor, threshold) -> tuple[torch.Tensor, int, int]:
+    """The row-skipping product of x [tokens, in] with the input-major weight `weight_t` [in, out]; returns
+    (y [tokens, out], rows read, entries kept). Accumulates in float32, returns x's dtype."""
+    module = _build()
+    if module is None:
+        raise RuntimeError("the row-skipping kernel is not available; use reference_product")
+    t = _as_vector(threshold, weight_t.shape[0], x.device)
+    y, counts = module.row_skip(x, weight_t, t)
+    return y, int(counts[0]), int(counts[1])
+
+
+def density_bucket(density: float) -> float:
+    """Density rounded up to DENSITY_STEP (0.43 -> 0.5): the timing a call of that density may rely on."""
+    return min(1.0, math.ceil(density / DENSITY_STEP - 1e-9) * DENSITY_STEP)
+
+
+def gate_key(out_f: int, in_f: int, dtype: torch.dtype) -> str:
+    return f"{out_f}x{in_f}@{str(dtype).replace('torch.', '')}"
+
+
+@dataclasses.dataclass
+class ActivationGate:
+    """Which product to run per (shape and dtype key, tokens, density bucket), from timings on this machine.
+
+    `timings[key][tokens][bucket] = {"dense_s", "sparse_s"}`; a call uses the smallest measured token count at
+    least as large as its own (else the largest) and the smallest measured density at least as large as its own
+    (else dense); it takes the sparse path only where that was faster than dense by more than `margin`."""
+
+    timings: dict[str, dict[int, dict[float, dict[str, float]]]] = dataclasses.field(default_factory=dict)
+    margin: float = 0.05
+
+    def choose(self, key: str, tokens: int, density: float) -> str:
+        per_tokens = self.timings.get(key)
+        if not per_tokens:
+            return "dense"
+        counts = sorted(per_tokens)
+        bucket_tokens = min((t for t in counts if t >= tokens), default=counts[-1])
+        if bucket_tokens < tokens:
+            return "dense"  # never measured at this many tokens: do not extrapolate
+        per_density = per_tokens[bucket_tokens]
+        upper = [d for d in sorted(per_density) if d >= density - 1e-9]
+        if not upper:
+            return "dense"
+        t = per_density[upper[0]]
+        return "sparse" if t["sparse_s"] < (1 - self.margin) * t["dense_s"] else "dense"
+
+    def max_density(self, key: str, tokens: int) -> float:
+        """The largest measured density at which the sparse path still wins for `tokens` (0 if none): a call whose
+        density is known to be above it goes dense without running the kernel's gather."""
+        per_tokens = self.timings.get(key) or {}
+        counts = sorted(per_tokens)
+        bucket_tokens = min((t for t in counts if t >= tokens), default=None)
+        if bucket_tokens is None:
+            return 0.0
+        wins = [d for d in sorted(per_tokens[bucket_tokens]) if self.choose(key, bucket_tokens, d) == "sparse"]
+        # Only the prefix of densities where sparse wins at every step counts (timings are noisy).
+        best = 0.0
+        for d in sorted(per_tokens[bucket_tokens]):
+            if d not in wins:
+                break
+            best = d
+        return best
+
+    def to_dict(self) -> dict:
+        return {"margin": self.margin,
+                "timings": {k: {str(t): {f"{d:.2f}": v for d, v in per.items()} for t, per in pt.items()} for k, pt in self.timings.items()}}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "ActivationGate":
+        try:
+            timings = {k: {int(t): {float(d): {"dense_s": float(v["dense_s"]), "sparse_s": float(v["sparse_s"])} for d, v in per.items()}
+                           for t, per in pt.items()} for k, pt in data["timings"].items()}
+            return cls(timings, float(data.get("margin", 0.05)))
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise UserInputError(f"activation speed gate data is malformed ({exc!r}); re-create the artifact") from None
+
+    @classmethod
+    def measure(cls, shapes, dtype=torch.float32, token_counts=(1, 2, 4, 8), densities=(0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8),
+                repeats: int = 7, warmup: int = 2, margin: float = 0.05) -> "ActivationGate":
+        """Time dense `F.linear` and the row-skipping product on random weights of each (out, in) shape, on inputs
+        whose channels are active at each density (the same channels for every token: what a shared mask costs),
+        alternating the two so load on the machine hits both alike. Empty gate when the kernel is unavailable."""
+        gate = cls(margin=margin)
+        if not supports("cpu", dtype):
+            return gate
+        g = torch.Generator().manual_seed(0)
+        for out_f, in_f in dict.fromkeys((int(o), int(i)) for o, i in shapes):
+            w = torch.randn(out_f, in_f, generator=g).to(dtype)
+            wt = w.t().contiguous()
+            key = gate_key(out_f, in_f, dtype)
+            gate.timings[key] = {}
+            for tokens in token_counts:
+                per = gate.timings[key].setdefault(int(tokens), {})
+                for density in densities:
+                    x = random_sparse_input(int(tokens), in_f, 1 - density, g).to(dtype)
+                    dense, sparse = [], []
+                    for _ in range(3):  # alternate: noise from other processes lands on both
+                        dense.append(median_seconds(lambda: F.linear(x, w), repeats, warmup))
+                        sparse.append(median_seconds(lambda: row_skip_product(x, wt, 0.0), repeats, warmup))
+                    per[round(density_bucket(density), 2)] = {"dense_s": sorted(dense)[1], "sparse_s": sorted(sparse)[1]}
+        return gate
+
+
+def random_sparse_input(tokens: int, in_f: int, sparsity: float, generator: torch.Generator, shared: bool = True) -> torch.Tensor:
+    """Random float32 x [tokens, in] with round(sparsity * in) channels exactly zero; `shared`: the same zeroed channels
+    for every token (the kernel's best case at tokens > 1), else independently per token (its worst)."""
+    x = torch.randn(tokens, in_f, generator=generator)
+    n_zero = round(sparsity * in_f)
+    if shared:
+        x[:, torch.randperm(in_f, generator=generator)[:n_zero]] = 0.0
+    else:
+        for t in range(tokens):
+            x[t, torch.randperm(in_f, generator=generator)[:n_zero]] = 0.0
+    return x
