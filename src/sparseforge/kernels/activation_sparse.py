@@ -45,6 +45,10 @@ _SOURCE = r"""
 #include <cstring>
 #include <vector>
 
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
 static inline float bf16_to_float(uint16_t v) {
   uint32_t u = static_cast<uint32_t>(v) << 16;
   float f;
@@ -52,43 +56,65 @@ static inline float bf16_to_float(uint16_t v) {
   return f;
 }
 
-template <typename W, typename Load>
+#if defined(__AVX512F__)
+// 16 weights of one row as float32.
+static inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
+static inline __m512 load16(const uint16_t* p) {
+  __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+#endif
+static inline float load1(const float* p) { return *p; }
+static inline float load1(const uint16_t* p) { return bf16_to_float(*p); }
+
+// y[o0:o1] += a0*r0 + a1*r1 + a2*r2 + a3*r3 over the slice (r* point at row starts).
+// `pf` (or null): four rows to prefetch at the same offsets, one cache line per row every 64 bytes of weights.
+template <typename W>
+static inline void axpy4(float* __restrict__ y, const W* r0, const W* r1, const W* r2, const W* r3,
+                         float a0, float a1, float a2, float a3, int64_t o0, int64_t o1, const W* const* pf) {
+  int64_t o = o0;
+  constexpr int64_t LINE = 64 / sizeof(W);
+#if defined(__AVX512F__)
+  const __m512 v0 = _mm512_set1_ps(a0), v1 = _mm512_set1_ps(a1), v2 = _mm512_set1_ps(a2), v3 = _mm512_set1_ps(a3);
+  for (; o + 16 <= o1; o += 16) {
+    if (pf && (o % LINE) == 0)
+      for (int i = 0; i < 4; ++i) __builtin_prefetch(pf[i] + o, 0, 1);
+    const __m512 s01 = _mm512_fmadd_ps(v1, load16(r1 + o), _mm512_mul_ps(v0, load16(r0 + o)));
+    const __m512 s23 = _mm512_fmadd_ps(v3, load16(r3 + o), _mm512_mul_ps(v2, load16(r2 + o)));
+    _mm512_storeu_ps(y + o, _mm512_add_ps(_mm512_loadu_ps(y + o), _mm512_add_ps(s01, s23)));
+  }
+#endif
+  for (; o < o1; ++o) y[o] += a0 * load1(r0 + o) + a1 * load1(r1 + o) + a2 * load1(r2 + o) + a3 * load1(r3 + o);
+}
+
+template <typename W>
 static void accumulate(const W* wt, const std::vector<int64_t>& rows, const std::vector<float>& vals,
-                       float* y, int64_t T, int64_t out, Load load) {
-  // Each thread owns one contiguous slice of the output columns and streams its slice of every active row
-  // (long sequential reads, which the hardware prefetcher follows), four rows per pass over its accumulators.
+                       float* y, int64_t T, int64_t out) {
+  // Each thread owns one contiguous slice of the output columns and streams its part of every active row, four
+  // rows per pass; the slice is walked in chunks that stay in L1 while every token uses them.
   const int64_t n = static_cast<int64_t>(rows.size());
-  constexpr int64_t LINE = 64 / sizeof(W);  // weights per cache line
+  const int64_t padded = (n + 3) / 4 * 4;
+  constexpr int64_t CHUNK = 512;
   const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
   const int64_t grain = std::max<int64_t>(64, ((out + threads - 1) / threads + 15) / 16 * 16);
-  at::parallel_for(0, out, grain, [&](int64_t o0, int64_t o1) {
-    int64_t k = 0;
-    for (; k + 4 <= n; k += 4) {
-      const W* r0 = wt + rows[k] * out; const W* r1 = wt + rows[k + 1] * out;
-      const W* r2 = wt + rows[k + 2] * out; const W* r3 = wt + rows[k + 3] * out;
-      // The next group's rows are not adjacent to these, and hardware prefetchers stop at page boundaries:
-      // ask for them one cache line at a time while this group is being summed.
-      const W* p[4] = {r0, r1, r2, r3};
-      if (k + 8 <= n)
-        for (int i = 0; i < 4; ++i) p[i] = wt + rows[k + 4 + i] * out;
-      for (int64_t t = 0; t < T; ++t) {
-        const float a0 = vals[k * T + t], a1 = vals[(k + 1) * T + t], a2 = vals[(k + 2) * T + t], a3 = vals[(k + 3) * T + t];
-        float* __restrict__ yt = y + t * out;
-        for (int64_t c = o0; c < o1; c += LINE) {
-          if (t == 0)
-            for (int i = 0; i < 4; ++i) __builtin_prefetch(p[i] + c, 0, 1);
-          const int64_t e = std::min(o1, c + LINE);
-          for (int64_t o = c; o < e; ++o)
-            yt[o] += a0 * load(r0[o]) + a1 * load(r1[o]) + a2 * load(r2[o]) + a3 * load(r3[o]);
+  // A zero row for the padding of the last group (its coefficient is zero too).
+  std::vector<W> zero(out, W(0));
+  at::parallel_for(0, out, grain, [&](int64_t s0, int64_t s1) {
+    for (int64_t k = 0; k < padded; k += 4) {
+      const W* r[4];
+      float a[4];
+      for (int i = 0; i < 4; ++i) r[i] = k + i < n ? wt + rows[k + i] * out : zero.data();
+      // The next group's rows are elsewhere in memory and hardware prefetchers stop at page boundaries: ask
+      // for them a line at a time while this group is summed.
+      const W* p[4] = {r[0], r[1], r[2], r[3]};
+      for (int i = 0; i < 4; ++i) if (k + 4 + i < n) p[i] = wt + rows[k + 4 + i] * out;
+      const bool ahead = k + 4 < n;
+      for (int64_t c = s0; c < s1; c += CHUNK) {
+        const int64_t e = std::min(s1, c + CHUNK);
+        for (int64_t t = 0; t < T; ++t) {
+          for (int i = 0; i < 4; ++i) a[i] = k + i < n ? vals[(k + i) * T + t] : 0.0f;
+          axpy4(y + t * out, r[0], r[1], r[2], r[3], a[0], a[1], a[2], a[3], c, e, (t == 0 && ahead) ? p : nullptr);
         }
-      }
-    }
-    for (; k < n; ++k) {
-      const W* r0 = wt + rows[k] * out;
-      for (int64_t t = 0; t < T; ++t) {
-        const float a0 = vals[k * T + t];
-        float* __restrict__ yt = y + t * out;
-        for (int64_t o = o0; o < o1; ++o) yt[o] += a0 * load(r0[o]);
       }
     }
   });
@@ -125,10 +151,10 @@ std::vector<torch::Tensor> row_skip(torch::Tensor x, torch::Tensor wt, torch::Te
   auto y = torch::zeros({T, out}, xf.options());
   float* yp = y.data_ptr<float>();
   if (wt.scalar_type() == torch::kFloat32) {
-    accumulate(wt.data_ptr<float>(), rows, vals, yp, T, out, [](float v) { return v; });
+    accumulate(wt.data_ptr<float>(), rows, vals, yp, T, out);
   } else {
     TORCH_CHECK(wt.scalar_type() == torch::kBFloat16, "row_skip: weight must be float32 or bfloat16");
-    accumulate(reinterpret_cast<const uint16_t*>(wt.data_ptr<at::BFloat16>()), rows, vals, yp, T, out, bf16_to_float);
+    accumulate(reinterpret_cast<const uint16_t*>(wt.data_ptr<at::BFloat16>()), rows, vals, yp, T, out);
   }
   auto counts = torch::tensor({static_cast<int64_t>(rows.size()), kept}, torch::kInt64);
   return {y.to(x.scalar_type()), counts};
@@ -155,7 +181,7 @@ def _build():
                 from torch.utils import cpp_extension
 
                 flags = ["-O3", "-march=native", "-fopenmp"]
-                _module = cpp_extension.load_inline("sparseforge_row_skip_v3", cpp_sources=_SOURCE, extra_cflags=flags,
+                _module = cpp_extension.load_inline("sparseforge_row_skip_v5", cpp_sources=_SOURCE, extra_cflags=flags,
                                                     extra_ldflags=["-fopenmp"], verbose=False)
             except Exception as exc:  # no compiler, no ninja, no headers: the reference path still works
                 _failed = f"{type(exc).__name__}: {str(exc).strip().splitlines()[-1] if str(exc).strip() else ''}"
