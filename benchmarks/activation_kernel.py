@@ -10,9 +10,10 @@ warm-up and each time is a median:
 - sparse (independent masks): every token zeroes its own random channels, so a row is read when any token needs it
   (the worst case: at batch 8 and 50% almost every row);
 - gather (batch 1 only): the pure-PyTorch alternative, `x[:, idx] @ Wt[idx]`, which copies the active rows first.
-Weights are cold: each call uses the next of several copies whose total exceeds twice the last-level cache, so
-every product reads its weight from memory as a model's decode step does (one weight of 180 MB would otherwise
-sit in this machine's 260 MB L3 between calls).
+Weights are cold: each call uses the next of several copies whose total exceeds twice the last-level cache, and
+the next of 7 inputs with their own zeroed channels, so every product reads its weight from memory as a model's
+decode step does (one weight of 180 MB, or the active rows of several, would otherwise sit in this machine's
+260 MB L3 between calls and flatter whichever product touches less).
 
 Bytes floor: weight bytes actually read (active rows x OUT x element size) divided by the measured copy bandwidth
 (bytes read + written per second by `dst.copy_(src)` on 1 GiB buffers, the convention of the other speed
@@ -42,6 +43,7 @@ SHAPES = {"q/k/v/o": (4096, 4096), "gate/up": (11008, 4096), "down": (4096, 1100
 SPARSITIES = (0.0, 0.25, 0.4, 0.5, 0.65, 0.8, 0.9)
 BATCHES = (1, 2, 4, 8)
 L3_BYTES = 260 * 2**20  # this machine's (lscpu); cold weights must exceed twice it
+X_POOL = 7  # inputs cycled per cell
 
 
 def interleaved(fns: dict, repeats: int, warmup: int) -> dict[str, float]:
@@ -80,6 +82,7 @@ def run(shapes, sparsities, batches, dtypes, repeats, warmup, bw) -> list[dict]:
         for dtype in dtypes:
             el = torch.tensor([], dtype=dtype).element_size()
             copies = max(2, math.ceil(2 * L3_BYTES / (out_f * in_f * el)))
+            copies += copies % X_POOL == 0
             g = torch.Generator().manual_seed(0)
             ws = [torch.randn(out_f, in_f, generator=g).to(dtype) for _ in range(copies)]
             wts = [w.t().contiguous() for w in ws]
@@ -88,17 +91,27 @@ def run(shapes, sparsities, batches, dtypes, repeats, warmup, bw) -> list[dict]:
                 for s in sparsities:
                     if tokens > 1 and dtype != torch.float32:
                         continue
-                    xs = ak.random_sparse_input(tokens, in_f, s, g, shared=True).to(dtype)
-                    xi = ak.random_sparse_input(tokens, in_f, s, g, shared=False).to(dtype)
-                    y, rows_read, _ = ak.row_skip_product(xs, wts[0], 0.0)
-                    assert torch.allclose(y.float(), F.linear(xs.float(), ws[0].float()), atol=1e-2, rtol=1e-2)
-                    rows_indep = ak.row_skip_product(xi, wts[0], 0.0)[1]
-                    fns = {"dense": lambda: F.linear(xs, ws[rd.next()]),
-                           "sparse": lambda: ak.row_skip_product(xs, wts[rs.next()], 0.0),
-                           "sparse_indep": lambda: ak.row_skip_product(xi, wts[rs.next()], 0.0)}
+                    # Several inputs, each with its own zeroed channels, cycled against the weight copies (X_POOL is
+                    # coprime with the copy count): the rows read differ from call to call, so the sparse product's
+                    # working set is not left in the cache either.
+                    xs = [ak.random_sparse_input(tokens, in_f, s, g, shared=True).to(dtype) for _ in range(X_POOL)]
+                    xi = [ak.random_sparse_input(tokens, in_f, s, g, shared=False).to(dtype) for _ in range(X_POOL)]
+                    y, rows_read, _ = ak.row_skip_product(xs[0], wts[0], 0.0)
+                    assert torch.allclose(y.float(), F.linear(xs[0].float(), ws[0].float()), atol=1e-2, rtol=1e-2)
+                    rows_indep = statistics.mean(ak.row_skip_product(x, wts[0], 0.0)[1] for x in xi)
+                    xr_d, xr_s, xr_i = Rotation(X_POOL), Rotation(X_POOL), Rotation(X_POOL)
+                    fns = {"dense": lambda: F.linear(xs[xr_d.next()], ws[rd.next()]),
+                           "sparse": lambda: ak.row_skip_product(xs[xr_s.next()], wts[rs.next()], 0.0),
+                           "sparse_indep": lambda: ak.row_skip_product(xi[xr_i.next()], wts[rs.next()], 0.0)}
                     if tokens == 1:
-                        idx = (xs[0] != 0).nonzero().flatten()
-                        fns["gather"] = lambda: xs[:, idx] @ wts[rs.next()][idx]
+                        idx = [(x[0] != 0).nonzero().flatten() for x in xs]
+                        xr_g = Rotation(X_POOL)
+
+                        def gather():
+                            j = xr_g.next()
+                            return xs[j][:, idx[j]] @ wts[rs.next()][idx[j]]
+
+                        fns["gather"] = gather
                     t = interleaved(fns, repeats, warmup)
                     floor = rows_read * out_f * el / bw["copy_bytes_per_s"]
                     dense_floor = in_f * out_f * el / bw["copy_bytes_per_s"]
@@ -158,7 +171,7 @@ def markdown(doc) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
-    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--repeats", type=int, default=9)
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--shapes", default=",".join(SHAPES))
