@@ -17,7 +17,8 @@ import dataclasses
 import torch
 
 from sparseforge.errors import UserInputError
-from sparseforge.methods.activations.base import (KERNEL_CHOICES, PREFILL_MODES, ActivationMethod, check_fraction, validate_common)
+from sparseforge.methods.activations.base import ActivationMethod, check_fraction, validate_common
+from sparseforge.methods.activations.common_params import RuntimeParams
 from sparseforge.methods.base import param, register
 
 MAX_SITE_SPARSITY = 0.95
@@ -25,15 +26,10 @@ ERROR_TOKENS = 256  # calibration tokens per site on which the greedy search mea
 
 
 @dataclasses.dataclass
-class TealParams:
+class TealParams(RuntimeParams):
     sparsity: float = param(0.5, "model-wide fraction of projection inputs zeroed, weighted by each projection's parameter count")
     allocation: str = param("greedy", "how a layer's sparsity is spread over its input sites: greedy (TEAL) or uniform", ("greedy", "uniform"))
     allocation_step: float = param(0.05, "sparsity step of the greedy search")
-    prefill: str = param("sparse", "prompt forwards: sparse (every token thresholded), dense (only decode steps sparse) or partial", PREFILL_MODES)
-    prefill_dense_tokens: int = param(64, "with prefill: partial, the first this many positions of a prompt stay dense")
-    kernel: str = param("row-skip", "row-skip: the CPU kernel wherever its speed gate measured it faster; reference: mask then dense product", KERNEL_CHOICES)
-    gate_token_counts: list[int] = param([1, 2, 4, 8], "tokens per product at which the speed gate times row skipping against dense")
-    gate_repeats: int = param(7, "timed calls per gate case (median kept)")
 
 
 def relative_error(x: torch.Tensor, dropped: torch.Tensor, weights: list[torch.Tensor]) -> float:
