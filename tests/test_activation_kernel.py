@@ -90,3 +90,13 @@ def test_fallback_without_compiler_is_announced_once(monkeypatch, caplog):
     with torch.no_grad():
         assert not layer.uses_kernel(1)
         assert torch.allclose(layer(x), ak.reference_product(x, lin.weight, 0.5) + lin.bias)
+
+
+def test_kernel_registry_and_reference_kernel_route_nothing():
+    assert ak.activation_kernel_names() == ("row-skip", "reference")
+    lin = torch.nn.Linear(16, 8, bias=False)
+    gate = ak.ActivationGate({ak.gate_key(8, 16, torch.float32): {1: {1.0: {"dense_s": 1.0, "sparse_s": 0.1}}}})
+    assert ActivationSparseLinear(lin, torch.zeros(16), 0.5, gate, product="row-skip").uses_kernel(1)
+    assert not ActivationSparseLinear(lin, torch.zeros(16), 0.5, gate, product="reference").uses_kernel(1)
+    with pytest.raises(Exception, match="unknown activation kernel 'x'"):
+        ak.get_activation_kernel("x")

@@ -224,6 +224,63 @@ def row_skip_product(x: torch.Tensor, weight_t: torch.Tensor, threshold) -> tupl
     return y, int(counts[0]), int(counts[1])
 
 
+class ActivationKernel:
+    """A product for activation-sparse projections: `product(x [tokens, in], weight_t [in, out], threshold)` equals
+    `reference_product` with the weight transposed. `supports` says whether it can run here; where it cannot, or its
+    gate says dense, `ActivationSparseLinear` takes the reference. Registered by name; the names are the `kernel`
+    parameter's choices."""
+
+    name: str = ""
+    summary: str = ""
+
+    def supports(self, device, dtype) -> bool:
+        raise NotImplementedError
+
+    def product(self, x: torch.Tensor, weight_t: torch.Tensor, threshold) -> torch.Tensor:
+        raise NotImplementedError
+
+
+ACTIVATION_KERNELS: dict[str, ActivationKernel] = {}
+
+
+def register_activation_kernel(cls: type[ActivationKernel]) -> type[ActivationKernel]:
+    if cls.name in ACTIVATION_KERNELS and type(ACTIVATION_KERNELS[cls.name]) is not cls:
+        raise ValueError(f"activation kernel '{cls.name}' registered twice")
+    ACTIVATION_KERNELS[cls.name] = cls()
+    return cls
+
+
+def activation_kernel_names() -> tuple[str, ...]:
+    return tuple(ACTIVATION_KERNELS)
+
+
+def get_activation_kernel(name: str) -> ActivationKernel:
+    if name not in ACTIVATION_KERNELS:
+        raise UserInputError(f"unknown activation kernel '{name}'; choose one of {', '.join(ACTIVATION_KERNELS)}")
+    return ACTIVATION_KERNELS[name]
+
+
+@register_activation_kernel
+class RowSkip(ActivationKernel):
+    name = "row-skip"
+    summary = "C++ row-skipping product on CPU, float32 and bfloat16 (built on first use)"
+
+    def supports(self, device, dtype) -> bool:
+        return supports(device, dtype)
+
+    def product(self, x, weight_t, threshold):
+        return row_skip_product(x, weight_t, threshold)[0]
+
+
+@register_activation_kernel
+class Reference(ActivationKernel):
+    name = "reference"
+    summary = "mask, then the dense product, everywhere (no speed gate measured)"
+
+    def supports(self, device, dtype) -> bool:
+        return False  # it is the fallback itself: nothing to gate
+
+
 def density_bucket(density: float) -> float:
     """Density rounded up to DENSITY_STEP (0.43 -> 0.5): the timing a call of that density may rely on."""
     return min(1.0, math.ceil(density / DENSITY_STEP - 1e-9) * DENSITY_STEP)
@@ -291,12 +348,13 @@ class ActivationGate:
 
     @classmethod
     def measure(cls, shapes, dtype=torch.float32, token_counts=(1, 2, 4, 8), densities=(0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8),
-                repeats: int = 7, warmup: int = 2, margin: float = 0.05) -> "ActivationGate":
+                repeats: int = 7, warmup: int = 2, margin: float = 0.05, kernel: "ActivationKernel | str" = "row-skip") -> "ActivationGate":
         """Time dense `F.linear` and the row-skipping product on random weights of each (out, in) shape, on inputs
         whose channels are active at each density (the same channels for every token: what a shared mask costs),
         alternating the two so load on the machine hits both alike. Empty gate when the kernel is unavailable."""
         gate = cls(margin=margin)
-        if not supports("cpu", dtype):
+        kernel = get_activation_kernel(kernel) if isinstance(kernel, str) else kernel
+        if not kernel.supports("cpu", dtype):
             return gate
         g = torch.Generator().manual_seed(0)
         for out_f, in_f in dict.fromkeys((int(o), int(i)) for o, i in shapes):
@@ -311,7 +369,7 @@ class ActivationGate:
                     dense, sparse = [], []
                     for _ in range(3):  # alternate: noise from other processes lands on both
                         dense.append(median_seconds(lambda: F.linear(x, w), repeats, warmup))
-                        sparse.append(median_seconds(lambda: row_skip_product(x, wt, 0.0), repeats, warmup))
+                        sparse.append(median_seconds(lambda: kernel.product(x, wt, 0.0), repeats, warmup))
                     per[round(density_bucket(density), 2)] = {"dense_s": sorted(dense)[1], "sparse_s": sorted(sparse)[1]}
         return gate
 

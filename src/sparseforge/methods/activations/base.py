@@ -30,7 +30,7 @@ from sparseforge.kernels import activation_sparse as kernel
 from sparseforge.methods.base import RuntimeMethod, RuntimeState
 
 PREFILL_MODES = ("sparse", "dense", "partial")
-KERNEL_CHOICES = ("row-skip", "reference")
+KERNEL_CHOICES = kernel.activation_kernel_names  # a registry: choices resolved when a recipe is checked
 MAX_SAMPLE_TOKENS = 4096  # calibration tokens kept per input site (a random subset), bounding memory on big models
 
 
@@ -63,8 +63,10 @@ class ActivationSparseLinear(nn.Module):
     `lowrank` (R-Sparse): (U [out, r], V [r, in]) with U V ≈ W, applied to the channels the mask dropped."""
 
     def __init__(self, original: nn.Linear, threshold: torch.Tensor, density: float, gate: kernel.ActivationGate | None,
-                 prefill: str = "sparse", dense_tokens: int = 0, lowrank: tuple[torch.Tensor, torch.Tensor] | None = None):
+                 prefill: str = "sparse", dense_tokens: int = 0, lowrank: tuple[torch.Tensor, torch.Tensor] | None = None,
+                 product: str = "row-skip"):
         super().__init__()
+        self.product = kernel.get_activation_kernel(product)
         self.original = [original]  # a list: not a submodule, so its parameters are not listed twice
         self.weight, self.bias = original.weight, original.bias
         self.in_features, self.out_features = original.in_features, original.out_features
@@ -98,7 +100,7 @@ class ActivationSparseLinear(nn.Module):
         key = (tokens, self.weight.dtype, self.weight.device.type)
         answer = self._decisions.get(key)
         if answer is None:
-            answer = (self.gate is not None and kernel.supports(self.weight.device, self.weight.dtype)
+            answer = (self.gate is not None and self.product.supports(self.weight.device, self.weight.dtype)
                       and self.gate.choose(kernel.gate_key(self.out_features, self.in_features, self.weight.dtype), tokens,
                                            self.density) == "sparse")
             self._decisions[key] = answer
@@ -110,7 +112,7 @@ class ActivationSparseLinear(nn.Module):
             self.counter[0] += float((x.abs() <= self.threshold.to(x.dtype)).sum())
             self.counter[1] += x.numel()
         if not (torch.is_grad_enabled() and self.weight.requires_grad) and self.uses_kernel(x.shape[0]):
-            y = kernel.row_skip_product(x, self.weight_t(), self.threshold)[0]
+            y = self.product.product(x, self.weight_t(), self.threshold)
         else:
             y = kernel.reference_product(x, self.weight, self.threshold)
         if self.has_lowrank:
@@ -239,14 +241,15 @@ class ActivationMethod(RuntimeMethod):
         buckets in use), unless the stage asked for the reference path or the kernel cannot run here."""
         p = self.params
         w = next(iter(modules.values())).weight
-        if p.kernel == "reference" or not kernel.supports(w.device, w.dtype):
+        if not kernel.get_activation_kernel(p.kernel).supports(w.device, w.dtype):
             return kernel.ActivationGate()
         gate = kernel.ActivationGate()
         wanted: dict[tuple[int, int], set[float]] = {}
         for name, m in modules.items():
             wanted.setdefault((m.out_features, m.in_features), set()).add(round(kernel.density_bucket(densities[name]), 2))
         for shape, buckets in wanted.items():
-            part = kernel.ActivationGate.measure([shape], w.dtype, p.gate_token_counts, sorted(buckets), repeats=p.gate_repeats, warmup=1)
+            part = kernel.ActivationGate.measure([shape], w.dtype, p.gate_token_counts, sorted(buckets), repeats=p.gate_repeats, warmup=1,
+                                                 kernel=p.kernel)
             gate.timings.update(part.timings)
         return gate
 
@@ -293,8 +296,6 @@ class ActivationMethod(RuntimeMethod):
         if not isinstance(projections, dict) or not projections or "gate" not in data:
             raise UserInputError(f"{self.name} state needs 'projections' and 'gate'; re-create the artifact")
         gate = kernel.ActivationGate.from_dict(data["gate"])
-        if self.params.kernel == "reference":
-            gate = None
         swapped: list[str] = []
         try:
             for name, info in projections.items():
@@ -311,7 +312,7 @@ class ActivationMethod(RuntimeMethod):
                 if f"{name}.lowrank_u" in tensors:
                     lowrank = (tensors[f"{name}.lowrank_u"], tensors[f"{name}.lowrank_v"])
                 new = ActivationSparseLinear(old, t, 1.0 - float(info["sparsity"]), gate, self.params.prefill,
-                                             self.params.prefill_dense_tokens, lowrank)
+                                             self.params.prefill_dense_tokens, lowrank, self.params.kernel)
                 replace_module(model, name, new)
                 swapped.append(name)
             self.attach_extra(model, state)
@@ -334,7 +335,7 @@ class ActivationMethod(RuntimeMethod):
         gate = kernel.ActivationGate.from_dict(state.data["gate"])
         kernel_cases = sum(gate.choose(k, t, d) == "sparse" for k, pt in gate.timings.items() for t, per in pt.items() for d in per)
         return {"target_sparsity": state.data.get("target_sparsity"), "projections": len(state.data["projections"]),
-                "prefill": self.params.prefill, "kernel": self.params.kernel if kernel.available() else "reference (no compiler)",
+                "prefill": self.params.prefill, "kernel": self.params.kernel, "cpu_kernel_built": kernel.available(),
                 "kernel_cases": kernel_cases, "measured_cases": sum(len(per) for pt in gate.timings.values() for per in pt.values())}
 
 
