@@ -9,6 +9,8 @@ Calibration: the bundled calibration split, 16 samples of 512 tokens (the preset
 routed; prefill thresholded (prefill: sparse), so perplexity measures the thresholds themselves.
 
 Writes benchmarks/results/activation_quality.json and .md after every row (rows present are skipped; --redo).
+`--methods teal_uniform --name activation_quality_allocation --no-composed` gives TEAL with uniform allocation, the
+control that separates TEAL's greedy allocation from its magnitude criterion when comparing with WINA.
 Usage: python benchmarks/activation_quality.py [--sparsities 0.25,0.4,0.5,0.65] [--lengths 1024] [--per-depth 2]
 """
 from __future__ import annotations
@@ -37,8 +39,10 @@ DEPTHS = (0.0, 0.25, 0.5, 0.75, 1.0)
 
 
 def stage(method: str, sparsity: float) -> Stage:
+    params = {"sparsity": sparsity}
+    if method == "teal_uniform":  # TEAL with one sparsity for every site: separates allocation from the criterion
+        method, params["allocation"] = "teal", "uniform"
     cls = get_method(method)
-    params = {"sparsity": sparsity} if method != "sparsegpt" else {"sparsity": sparsity}
     if cls.lifetime == "runtime":
         params.update(gate_token_counts=[1], gate_repeats=3)
     return Stage(method, cls.parse_params(params))
@@ -82,12 +86,14 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=16384)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--redo", action="store_true")
+    ap.add_argument("--name", default=NAME, help="results file stem")
+    ap.add_argument("--no-composed", action="store_true")
     args = ap.parse_args()
     args.lengths = [int(v) for v in args.lengths.split(",")]
     torch.set_num_threads(args.threads)
     tok = sparseforge.load_tokenizer(None)
     dense = sparseforge.load()
-    path = OUT / f"{NAME}.json"
+    path = OUT / f"{args.name}.json"
     doc = json.loads(path.read_text()) if path.exists() and not args.redo else {"rows": []}
     doc.update(environment=environment(), lengths=args.lengths, per_depth=args.per_depth, max_tokens=args.max_tokens)
     done = {r["recipe"] for r in doc["rows"]}
@@ -97,7 +103,7 @@ def main() -> None:
         for s in (float(v) for v in args.sparsities.split(",")):
             plan.append((f"{method}-{round(s * 100)}", s, [stage(method, s)]))
     plan.append(("sparsegpt-50", 0.5, [stage("sparsegpt", 0.5)]))
-    for method in args.methods.split(","):
+    for method in [] if args.no_composed else args.methods.split(","):
         plan.append((f"sparsegpt-50+{method}-50", 0.5, [stage("sparsegpt", 0.5), stage(method, 0.5)]))
     for name, target, stages in plan:
         if name in done:
@@ -108,7 +114,7 @@ def main() -> None:
         doc["load_average"] = [round(v, 2) for v in os.getloadavg()]
         OUT.mkdir(exist_ok=True)
         path.write_text(json.dumps(doc, indent=1))
-        (OUT / f"{NAME}.md").write_text(markdown(doc))
+        (OUT / f"{args.name}.md").write_text(markdown(doc))
         print(json.dumps(row), flush=True)
 
 

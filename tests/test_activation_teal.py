@@ -166,3 +166,38 @@ def test_state_for_another_model_is_refused(tokenizer, reference_teal):
     with pytest.raises(UserInputError, match="does not fit the model|does not have"):
         get_method("teal")(stage.method.params).attach(other, stage.state)
     assert not any(isinstance(m, ActivationSparseLinear) for m in other.modules())
+
+
+def test_saved_teal_artifact_generates_through_the_kernel_where_the_gate_chose_it(tokenizer, tmp_path, monkeypatch, capsys):
+    """`sparseforge generate` on a saved teal artifact: the decode steps of projections whose (saved) gate chose the
+    kernel run through it; prompts (more tokens than the gate measured) take the reference path; the text equals
+    the in-memory model's greedy continuation."""
+    from sparseforge.cli import main
+    from sparseforge.kernels import activation_sparse as ak
+
+    if not ak.available():
+        pytest.skip("no C++ compiler")
+    model = tiny_model("llama")
+    compressed, _ = sparseforge.compress(model, _recipe(0.5, samples=2, seq_len=32), tokenizer, progress=False)
+    (stage,) = sparseforge.runtime_stages(compressed)
+    # Tiny shapes never win on timing; claim a win for the MLP down shape only, so the gate decides per shape.
+    gate = stage.state.data["gate"]
+    for key, per_tokens in gate["timings"].items():
+        for per in per_tokens.values():
+            for t in per.values():
+                t["sparse_s"], t["dense_s"] = (0.1, 1.0) if key.startswith("64x128@") else (1.0, 0.1)
+    sparseforge.save(compressed, tmp_path / "a", tokenizer)
+    calls = []
+    real = ak.RowSkip.product
+    monkeypatch.setattr(ak.RowSkip, "product", lambda self, x, wt, t: calls.append((x.shape[0], tuple(wt.shape))) or real(self, x, wt, t))
+    prompt = "To be, or not to be"
+    assert main(["--quiet", "generate", "--model", str(tmp_path / "a"), "--prompt", prompt, "--max-new-tokens", "5"]) == 0
+    text = capsys.readouterr().out
+    assert calls and {c[1] for c in calls} == {(128, 64)}  # only down_proj (in 128 -> out 64), input-major
+    assert all(c[0] == 1 for c in calls)  # decode steps only
+    assert len(calls) == 2 * 4  # 2 layers x 4 decode steps after the prompt's forward
+    loaded = sparseforge.load(tmp_path / "a")
+    ids = tokenizer(prompt, return_tensors="pt")
+    with torch.no_grad():
+        out = loaded.generate(**ids, max_new_tokens=5, do_sample=False, pad_token_id=tokenizer.eos_token_id)
+    assert tokenizer.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True).strip() in text
