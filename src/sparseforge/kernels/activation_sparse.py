@@ -350,8 +350,9 @@ class ActivationGate:
     def measure(cls, shapes, dtype=torch.float32, token_counts=(1, 2, 4, 8), densities=(0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8),
                 repeats: int = 7, warmup: int = 2, margin: float = 0.05, kernel: "ActivationKernel | str" = "row-skip") -> "ActivationGate":
         """Time dense `F.linear` and the row-skipping product on random weights of each (out, in) shape, on inputs
-        whose channels are active at each density (the same channels for every token: what a shared mask costs),
-        alternating the two so load on the machine hits both alike. Empty gate when the kernel is unavailable."""
+        whose channels are active at each density, each token its own channels (the worst case for several tokens: a
+        row is read when any token keeps it), alternating the two so load on the machine hits both alike. Empty gate
+        when the kernel is unavailable."""
         gate = cls(margin=margin)
         kernel = get_activation_kernel(kernel) if isinstance(kernel, str) else kernel
         if not kernel.supports("cpu", dtype):
@@ -365,7 +366,7 @@ class ActivationGate:
             for tokens in token_counts:
                 per = gate.timings[key].setdefault(int(tokens), {})
                 for density in densities:
-                    x = random_sparse_input(int(tokens), in_f, 1 - density, g).to(dtype)
+                    x = random_sparse_input(int(tokens), in_f, 1 - density, g, shared=False).to(dtype)
                     dense, sparse = [], []
                     for _ in range(3):  # alternate: noise from other processes lands on both
                         dense.append(median_seconds(lambda: F.linear(x, w), repeats, warmup))
