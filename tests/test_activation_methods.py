@@ -159,3 +159,32 @@ def test_cats_without_an_mlp_activation_is_a_one_line_error(tokenizer):
     with pytest.raises(UserInputError, match="cats found no MLP"):
         sparseforge.attach_method(model, "cats", {"gate_token_counts": [1], "gate_repeats": 1}, targets=["*.self_attn.*"], tokenizer=tokenizer,
                                   calibration=CalibrationConfig(samples=2, seq_len=32))
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "phi3", "gemma2", "opt", "gpt_neox", "mixtral"])
+@pytest.mark.parametrize("method", ["teal", "wina"])
+def test_architectures_attach_change_and_detach_exactly(arch, method, tokenizer):
+    """No per-model code: every nn.Linear the adapter finds in the decoder layers is routed (fused experts and
+    GPT-2's Conv1D stay dense), outputs change, and detach restores them bit for bit."""
+    model = tiny_model(arch)
+    ids = torch.randint(0, 4096, (1, 16), generator=torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        before = model(ids).logits
+    sparseforge.attach_method(model, method, {"sparsity": 0.5, "gate_token_counts": [1], "gate_repeats": 1}, tokenizer=tokenizer,
+                              calibration=CalibrationConfig(samples=2, seq_len=32))
+    assert any(isinstance(m, ActivationSparseLinear) for m in model.modules())
+    with torch.no_grad():
+        assert not torch.allclose(model(ids).logits, before, atol=1e-4)
+    sparseforge.detach_runtime(model)
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, before)
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "gemma2", "gpt_neox"])
+def test_cats_on_other_architectures(arch, tokenizer):
+    model = tiny_model(arch)
+    sparseforge.attach_method(model, "cats", {"sparsity": 0.5, "gate_token_counts": [1], "gate_repeats": 1}, tokenizer=tokenizer,
+                              calibration=CalibrationConfig(samples=2, seq_len=32))
+    assert sum(isinstance(m, ThresholdedActivation) for m in model.modules()) == 2
+    sparseforge.detach_runtime(model)
+    assert not any(isinstance(m, (ThresholdedActivation, ActivationSparseLinear)) for m in model.modules())
