@@ -168,6 +168,25 @@ _module = None
 _failed: str | None = None
 
 
+def _cpu_tag() -> str:
+    """A short key of this CPU (model and instruction-set flags). The kernel is built with -march=native, whose code
+    may not run on another CPU, so torch's extension cache must hold one build per kind of CPU."""
+    import hashlib
+    import platform
+
+    wanted = []
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith(("model name", "flags")) and line not in wanted:
+                    wanted.append(line)
+                if len(wanted) >= 2:
+                    break
+    except OSError:
+        wanted = [platform.processor(), platform.machine()]
+    return hashlib.sha1("".join(wanted).encode()).hexdigest()[:10]
+
+
 def _build():
     """Compile (or load from torch's extension cache) the C++ kernel once per process; None when impossible."""
     global _module, _failed
@@ -181,7 +200,7 @@ def _build():
                 from torch.utils import cpp_extension
 
                 flags = ["-O3", "-march=native", "-fopenmp"]
-                _module = cpp_extension.load_inline("sparseforge_row_skip_v5", cpp_sources=_SOURCE, extra_cflags=flags,
+                _module = cpp_extension.load_inline(f"sparseforge_row_skip_v5_{_cpu_tag()}", cpp_sources=_SOURCE, extra_cflags=flags,
                                                     extra_ldflags=["-fopenmp"], verbose=False)
             except Exception as exc:  # no compiler, no ninja, no headers: the reference path still works
                 _failed = f"{type(exc).__name__}: {str(exc).strip().splitlines()[-1] if str(exc).strip() else ''}"
