@@ -109,8 +109,8 @@ class QuantizedWeight:
     def dequantize(self) -> torch.Tensor:
         w = dequantize(self.codes.float(), self.expanded(self.scale), self.expanded(self.zero))
         if self.outliers is not None:
-            dense = self.outliers.to_dense()
-            w = torch.where(dense != 0, dense, w)
+            o = self.outliers.coalesce()  # outliers replace their dequantized weights
+            w = w.index_put((o.indices()[0], o.indices()[1]), o.values().float())
         return w
 
 
