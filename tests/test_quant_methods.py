@@ -47,6 +47,17 @@ def test_pack_unpack_is_exact_dense_sparse_and_with_outliers(scheme):
     assert back.dequantize()[1, 3] == 9.5 and torch.equal(back.dequantize(), qo.dequantize())
 
 
+def test_deflated_codes_round_trip_and_a_corrupt_part_is_refused():
+    w = torch.randn(64, 256)  # bell-shaped: 8-bit codes deflate
+    qw = quantize_rtn(w, QuantScheme(8, True, 128))
+    parts, layout = pack_quantized(qw)
+    assert layout["deflated"] == ["qcodes"] and parts["qcodes"].numel() < 0.97 * w.numel()
+    assert torch.equal(unpack_quantized(parts, layout).codes, qw.codes)
+    parts["qcodes"] = parts["qcodes"][:-10]
+    with pytest.raises(Exception):
+        unpack_quantized(parts, layout)
+
+
 @pytest.mark.parametrize("method,params", [("rtn", {"bits": 4, "group_size": 32}), ("gptq", {"bits": 3, "group_size": 32, "symmetric": False}),
                                            ("gptq", {"bits": 4, "group_size": 0, "act_order": True}),
                                            ("sparsegpt-gptq", {"pattern": "2:4", "bits": 4, "group_size": 32, "embedding_bits": 8})])

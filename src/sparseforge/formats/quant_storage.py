@@ -6,12 +6,13 @@ codes: float32 scales [out, groups] and, for asymmetric schemes, uint8 zero poin
 ones are implied by the bit width). A sparse quantized weight (pruned, then rounded) stores a bitmask of its
 nonzero weights (formats/sparse_storage.py) and the codes of those weights only; the others get the group's
 zero point back, whose dequantized value is exactly 0. SpQR outliers are a flat int32 index plus float32
-values. Reading applies `QuantizedWeight.dequantize`, the same formula the method used, so a reloaded weight is
+values. Packed codes and masks are then deflated where that pays (DEFLATE_GAIN). Reading applies `QuantizedWeight.dequantize`, the same formula the method used, so a reloaded weight is
 bit-identical to the one in the model that was saved.
 """
 from __future__ import annotations
 
 import dataclasses
+import zlib
 from typing import Callable
 
 import torch
@@ -22,6 +23,10 @@ from sparseforge.formats.sparse_storage import pack_bits, unpack_bits
 # A weight is stored sparse when at most this fraction of it is nonzero (below, codes + bitmask beat codes alone
 # from 4 bits: (1 + b * kept) < b).
 SPARSE_KEEP = 0.75
+# Packed codes and masks are deflated (zlib level 1, as the float planes in sparse_storage.py) where that saves at
+# least this fraction: low-bit codes of bell-shaped weights are far from uniform.
+DEFLATE_GAIN = 0.03
+DEFLATED_PARTS = ("qcodes", "qmask")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -84,9 +89,23 @@ def pack_quantized(qw: QuantizedWeight) -> tuple[dict[str, torch.Tensor], dict]:
         o = qw.outliers.coalesce()
         parts["qoutlier_index"] = (o.indices()[0] * codes.shape[1] + o.indices()[1]).to(torch.int32)
         parts["qoutlier_value"] = o.values().float().contiguous()
-    layout = {"format": "quant", **scheme.to_json(), "shape": list(codes.shape), "sparse": sparse,
-              "kept": int(nonzero.sum()) if sparse else int(codes.numel())}
+    layout = {"format": "quant", **scheme.to_json(), "shape": list(codes.shape), "sparse": sparse, "deflated": []}
+    for name in DEFLATED_PARTS:
+        if name in parts and parts[name].numel() >= 1024:
+            deflated = zlib.compress(parts[name].numpy().tobytes(), 1)
+            if len(deflated) <= (1 - DEFLATE_GAIN) * parts[name].numel():
+                parts[name] = torch.frombuffer(bytearray(deflated), dtype=torch.uint8)
+                layout["deflated"].append(name)
     return parts, layout
+
+
+def _inflate(part: torch.Tensor, size: int) -> torch.Tensor:
+    # Bounded: a corrupt or hostile file cannot make this allocate more than the weight needs.
+    inflater = zlib.decompressobj()
+    data = inflater.decompress(part.numpy().tobytes(), size)
+    if len(data) != size or inflater.unconsumed_tail:
+        raise ValueError("deflated quantized codes do not have the size their layout says")
+    return torch.frombuffer(bytearray(data), dtype=torch.uint8)
 
 
 def unpack_quantized(parts: dict[str, torch.Tensor], layout: dict) -> QuantizedWeight:
@@ -98,13 +117,19 @@ def unpack_quantized(parts: dict[str, torch.Tensor], layout: dict) -> QuantizedW
     if not scheme.symmetric and "qzero" not in parts:
         raise ValueError("asymmetric quantized weight without zero points")
     codec = CODECS[scheme.bits]
+    deflated = set(layout.get("deflated", []))
+    packed_size = lambda count: -(-count * scheme.bits // 8)  # noqa: E731  (every codec packs densely)
     if layout.get("sparse"):
-        mask = unpack_bits(parts["qmask"], rows * cols).reshape(rows, cols)
+        qmask = _inflate(parts["qmask"], -(-rows * cols // 8)) if "qmask" in deflated else parts["qmask"]
+        mask = unpack_bits(qmask, rows * cols).reshape(rows, cols)
+        kept = int(mask.sum())
+        qcodes = _inflate(parts["qcodes"], packed_size(kept)) if "qcodes" in deflated else parts["qcodes"]
         qw = QuantizedWeight(torch.zeros(rows, cols, dtype=torch.uint8), scale, zero, scheme)
         codes = qw.expanded(zero).to(torch.uint8)
-        codes[mask] = codec.unpack(parts["qcodes"], int(mask.sum()))
+        codes[mask] = codec.unpack(qcodes, kept)
     else:
-        codes = codec.unpack(parts["qcodes"], rows * cols).reshape(rows, cols).clone()
+        qcodes = _inflate(parts["qcodes"], packed_size(rows * cols)) if "qcodes" in deflated else parts["qcodes"]
+        codes = codec.unpack(qcodes, rows * cols).reshape(rows, cols).clone()
     if int(codes.max()) > scheme.maxq:
         raise ValueError(f"codes exceed {scheme.bits} bits")
     outliers = None
