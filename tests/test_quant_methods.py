@@ -60,7 +60,8 @@ def test_deflated_codes_round_trip_and_a_corrupt_part_is_refused():
 
 @pytest.mark.parametrize("method,params", [("rtn", {"bits": 4, "group_size": 32}), ("gptq", {"bits": 3, "group_size": 32, "symmetric": False}),
                                            ("gptq", {"bits": 4, "group_size": 0, "act_order": True}),
-                                           ("sparsegpt-gptq", {"pattern": "2:4", "bits": 4, "group_size": 32, "embedding_bits": 8})])
+                                           ("sparsegpt-gptq", {"pattern": "2:4", "bits": 4, "group_size": 32, "embedding_bits": 8}),
+                                           ("spqr", {"bits": 3, "group_size": 16})])
 def test_stage_weights_are_their_codes_and_compact_storage_restores_them(method, params, tokenizer, tmp_path):
     model = tiny_model("llama")
     out, report = _compress(model, method, tokenizer, **params)
@@ -115,7 +116,8 @@ def test_gpt2_conv1d_is_quantized_in_its_own_layout(tokenizer, tmp_path):
     ("gptq", {"bits": 5}, "bits 5"), ("rtn", {"group_size": -1}, "group_size"), ("gptq", {"dampening": 1.5}, "dampening"),
     ("gptq", {"blocksize": 0}, "blocksize"), ("rtn", {"embedding_bits": 7}, "embedding_bits"),
     ("sparsegpt-gptq", {"pattern": "4:8", "group_size": 36}, "multiple of M"), ("sparsegpt-gptq", {"sparsity": 1.2}, "sparsity"),
-    ("gptq", {"act_order": "yes"}, "true or false"), ("rtn", {"symmetric": 1}, "true or false")])
+    ("gptq", {"act_order": "yes"}, "true or false"), ("rtn", {"symmetric": 1}, "true or false"),
+    ("spqr", {"outlier_threshold": 0}, "outlier_threshold"), ("spqr", {"group_size": 0}, "needs groups")])
 def test_bad_params_fail_in_one_line(method, params, match):
     with pytest.raises(UserInputError, match=match) as err:
         get_method(method).parse_params(params, "stage 1")

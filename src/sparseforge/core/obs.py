@@ -34,9 +34,23 @@ class ObsResult:
     quantized: QuantizedWeight | None = None
 
 
+def group_params(part: torch.Tensor, scheme: QuantScheme, outlier_threshold: float | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Scale and zero point of each row of `part` [rows, width]; with `outlier_threshold` (SpQR), weights more than
+    that many standard deviations from their row's group mean are outliers: left out of the min-max range (so
+    the grid stays fine for the rest) and returned as a mask, to be kept in float."""
+    if outlier_threshold is None:
+        return (*find_params(part, scheme), None)
+    mean, std = part.mean(1, keepdim=True), part.std(1, keepdim=True, unbiased=False)
+    outliers = (part - mean).abs() > outlier_threshold * std
+    scale, zero = find_params(torch.where(outliers, torch.zeros_like(part), part), scheme)
+    return scale, zero, outliers
+
+
 def obs_solve(weight: torch.Tensor, hessian: torch.Tensor, prune: Pattern | None = None, quant: QuantScheme | None = None,
-              blocksize: int = 128, dampening: float = 0.01, act_order: bool = False) -> ObsResult:
-    """Prune and/or quantize `weight` ([out, in], any float dtype; computed in float32) against `hessian` [in, in]."""
+              blocksize: int = 128, dampening: float = 0.01, act_order: bool = False, outlier_threshold: float | None = None) -> ObsResult:
+    """Prune and/or quantize `weight` ([out, in], any float dtype; computed in float32) against `hessian` [in, in].
+    `outlier_threshold` (quantizing only): SpQR-style outliers, see `group_params`; they keep their value (as
+    updated when reached) in float and add no error."""
     # A contiguous copy: GPT-2's Conv1D hands over a transposed view, whose strides clone() would keep, and
     # the flat mask indexing below needs row-major blocks.
     W = weight.detach().float().clone(memory_format=torch.contiguous_format)
@@ -64,10 +78,13 @@ def obs_solve(weight: torch.Tensor, hessian: torch.Tensor, prune: Pattern | None
     scale = torch.zeros(rows, n_groups, device=W.device)
     zero = torch.zeros(rows, n_groups, device=W.device)
     codes = torch.zeros(rows, cols, dtype=torch.uint8, device=W.device) if quant is not None else None
+    outlier = torch.zeros(rows, cols, dtype=torch.bool, device=W.device) if outlier_threshold is not None else None
     perm = None
     if act_order and quant is not None:
         for g in range(n_groups):  # static groups: parameters from the weights before any update
-            scale[:, g], zero[:, g] = find_params(W[:, g * width : (g + 1) * width], quant)
+            scale[:, g], zero[:, g], found = group_params(W[:, g * width : (g + 1) * width], quant, outlier_threshold)
+            if found is not None:
+                outlier[:, g * width : (g + 1) * width] = found
         perm = torch.argsort(torch.diag(H), descending=True, stable=True)
         W, H = W[:, perm], H[perm][:, perm]
     # Upper Cholesky factor of H⁻¹: row j holds what the OBS update needs after column j is fixed.
@@ -102,9 +119,16 @@ def obs_solve(weight: torch.Tensor, hessian: torch.Tensor, prune: Pattern | None
                 g = col // width
                 if perm is None and col % width == 0:
                     part = W1[:, i : i + width]
-                    scale[:, g], zero[:, g] = find_params(torch.where(mask[:, i : i + width], torch.zeros_like(part), part), quant)
-                c = quantize_codes(q, scale[:, g], zero[:, g], quant.maxq)
-                q = dequantize(c, scale[:, g], zero[:, g])
+                    part = torch.where(mask[:, i : i + width], torch.zeros_like(part), part)
+                    scale[:, g], zero[:, g], found = group_params(part, quant, outlier_threshold)
+                    if found is not None:
+                        outlier[:, col : col + width] = found
+                if outlier is not None:  # an outlier's code is the zero point; its float value is kept apart
+                    c = quantize_codes(torch.where(outlier[:, col], torch.zeros_like(q), q), scale[:, g], zero[:, g], quant.maxq)
+                    q = torch.where(outlier[:, col], q, dequantize(c, scale[:, g], zero[:, g]))
+                else:
+                    c = quantize_codes(q, scale[:, g], zero[:, g], quant.maxq)
+                    q = dequantize(c, scale[:, g], zero[:, g])
                 codes[:, col] = c.to(torch.uint8)
             err = (w - q) / d
             W1[:, i:] -= err.unsqueeze(1) @ Hinv1[i, i:].unsqueeze(0)
@@ -114,5 +138,11 @@ def obs_solve(weight: torch.Tensor, hessian: torch.Tensor, prune: Pattern | None
         W[:, b2:] -= Err1 @ Hinv[b1:b2, b2:]
     if perm is not None:
         W = W[:, torch.argsort(perm)]
-    quantized = QuantizedWeight(codes.cpu(), scale.cpu(), zero.cpu(), quant) if quant is not None else None
+    quantized = None
+    if quant is not None:
+        sparse_outliers = None
+        if outlier is not None and bool(outlier.any()):
+            index = outlier.nonzero().t()
+            sparse_outliers = torch.sparse_coo_tensor(index, W[index[0], index[1]], (rows, cols), check_invariants=True).coalesce().cpu()
+        quantized = QuantizedWeight(codes.cpu(), scale.cpu(), zero.cpu(), quant, sparse_outliers)
     return ObsResult(W, quantized)
