@@ -98,6 +98,8 @@ def main() -> None:
     ap.add_argument("--seeds", default="0,1,2,3,4")
     ap.add_argument("--llmc-python", default=os.environ.get("LLMC_PYTHON", "/work/venv-llmc/bin/python"))
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--schemes", default=",".join(SCHEMES), help="comma-separated subset of: " + ", ".join(SCHEMES))
+    ap.add_argument("--max-tokens", type=int, default=None, help="score perplexity on the first N held-out tokens only")
     args = ap.parse_args()
     if args.worker:
         worker(args.worker)
@@ -115,14 +117,15 @@ def main() -> None:
     threads = torch.get_num_threads()
     tokenizer = sparseforge.load_tokenizer()
     dense = sparseforge.load()
-    settings = {"max_tokens": 4096} if args.quick else {}
+    settings = {"max_tokens": 4096} if args.quick else ({"max_tokens": args.max_tokens} if args.max_tokens else {})
+    schemes = {k: SCHEMES[k] for k in args.schemes.split(",")}
     ppl = lambda m: run_tasks(EvalContext(m, tokenizer, settings=settings), ["perplexity"])["perplexity"]  # noqa: E731
     rows, llmc_env, reasons = [], None, []
     dense_ppl = ppl(dense)
     for seed in [int(s) for s in args.seeds.split(",")]:
         cal = CalibrationConfig(seed=seed)
         batches = calibration_batches(tokenizer, cal)
-        for name, params in SCHEMES.items():
+        for name, params in schemes.items():
             recipe = Recipe(name, [Stage("gptq", get_method("gptq").parse_params(params))], cal)
             start = time.perf_counter()
             q, _ = sparseforge.compress(dense, recipe, tokenizer, progress=False)
@@ -134,7 +137,7 @@ def main() -> None:
             shutil.copytree(resolve_model_path(None), tmp / "model")
             spec = {"calibration": str(tmp / "calibration.json"), "model_dir": str(tmp / "model"), "out_root": str(tmp / "out"),
                     "result": str(tmp / "result.json"), "threads": threads,
-                    "runs": [{"name": n, "llmc_scheme": n.split()[0]} for n in SCHEMES]}
+                    "runs": [{"name": n, "llmc_scheme": n.split()[0]} for n in schemes]}
             result, reason = run_llmc(args.llmc_python, spec, tmp)
             if reason:
                 reasons.append(reason)
@@ -149,7 +152,7 @@ def main() -> None:
                 rows.append(row)
                 print(rows[-1], flush=True)
     summary = []
-    for name in SCHEMES:
+    for name in schemes:
         for tool in ("sparseforge", "llm-compressor"):
             vals = [r["perplexity"] for r in rows if r["scheme"] == name and r["tool"] == tool and r["perplexity"] is not None]
             secs = [r["compress_seconds"] for r in rows if r["scheme"] == name and r["tool"] == tool and r["compress_seconds"] is not None]
@@ -166,7 +169,7 @@ def main() -> None:
           f"Machine: {env['cpu']} ({env['cpu_count']} cores, shared with other jobs), torch {env['torch']} (llm-compressor: "
           f"{(llmc_env or {}).get('llmcompressor')} with torch {(llmc_env or {}).get('torch')}, transformers {(llmc_env or {}).get('transformers')}), "
           f"{threads} thread(s). Same 32 x 512 calibration windows per seed for both tools; held-out perplexity by sparseforge's code "
-          f"(dense {dense_ppl:.2f}). Written by `benchmarks/quant_llmc_compare.py`.\n",
+          f"(dense {dense_ppl:.2f}{', first ' + str(settings['max_tokens']) + ' tokens' if settings.get('max_tokens') else ''}). Written by `benchmarks/quant_llmc_compare.py`.\n",
           "| scheme | tool | seeds | mean perplexity | spread (max - min) | stdev | mean compress s |", "|---|---|---|---|---|---|---|"]
     md += [f"| {s['scheme']} | {s['tool']} | {s['seeds']} | {s['mean_perplexity']:.3f} | {s['spread']:.3f} | {s['stdev']:.3f} | {s['mean_compress_seconds']:.1f} |" for s in summary]
     md += ["", "| seed | scheme | tool | perplexity | compress s |", "|---|---|---|---|---|"]

@@ -117,7 +117,10 @@ def test_gpt2_conv1d_is_quantized_in_its_own_layout(tokenizer, tmp_path):
     ("gptq", {"blocksize": 0}, "blocksize"), ("rtn", {"embedding_bits": 7}, "embedding_bits"),
     ("sparsegpt-gptq", {"pattern": "4:8", "group_size": 36}, "multiple of M"), ("sparsegpt-gptq", {"sparsity": 1.2}, "sparsity"),
     ("gptq", {"act_order": "yes"}, "true or false"), ("rtn", {"symmetric": 1}, "true or false"),
-    ("spqr", {"outlier_threshold": 0}, "outlier_threshold"), ("spqr", {"group_size": 0}, "needs groups")])
+    ("spqr", {"outlier_threshold": 0}, "outlier_threshold"), ("spqr", {"group_size": 0}, "needs groups"),
+    ("sparsegpt-gptq", {"blocksize": -1}, "blocksize"), ("sparsegpt-gptq", {"dampening": -0.1}, "dampening"),
+    ("sparsegpt-gptq", {"pattern": "3:2"}, "pattern"), ("spqr", {"bits": 1}, "bits 1"), ("gptq", {"frobnicate": 1}, "unknown parameter"),
+    ("quant-kernel", {"repeats": 0}, "repeats"), ("quant-kernel", {"warmup": -1}, "warmup")])
 def test_bad_params_fail_in_one_line(method, params, match):
     with pytest.raises(UserInputError, match=match) as err:
         get_method(method).parse_params(params, "stage 1")
