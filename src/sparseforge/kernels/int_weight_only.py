@@ -8,8 +8,8 @@
   w = (q - 8) s + zf, a zero point in the float domain; GPTQ's w = s (q - z) gives zf = (8 - z) s (tested in
   tests/test_quant_kernels.py). Groups of 32 to 256 columns, out a multiple of 16.
 
-Both operators take bfloat16 activations for speed (float32 activations through the int4 operator ran some 40x
-slower than bfloat16 on the 2-core EPYC machine), so the products cast x to bfloat16 and the result back; the
+Both operators take bfloat16 activations for speed (their float32 activation path is much slower on CPU), so
+the products cast x to bfloat16 and the result back; the
 scales travel in bfloat16 too. The reference each is tested against is `F.linear(x, dequantized weight)`.
 `QuantLinear` swaps in for an `nn.Linear` whose weight has recorded codes (core/quantizer.py) and asks its
 gate per token count, falling back to the dense product on the dequantized weight, which it keeps.
