@@ -69,6 +69,25 @@ def worker(spec_path: str) -> None:
     pathlib.Path(spec["result"]).write_text(json.dumps({"environment": env, "runs": runs}, indent=2))
 
 
+def run_llmc(llmc_python: str, spec: dict, workdir: pathlib.Path) -> tuple[dict | None, str | None]:
+    """This file as the worker in the llm-compressor interpreter (llmcompressor_compare.run_llmc starts its own file)."""
+    import subprocess
+
+    if not pathlib.Path(llmc_python).exists():
+        return None, f"no llm-compressor interpreter at {llmc_python} (pass --llmc-python)"
+    (workdir / "spec.json").write_text(json.dumps(spec))
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME")}
+    env.update({"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
+                "PYTHONPATH": str(HERE)})
+    proc = subprocess.run([llmc_python, str(pathlib.Path(__file__).resolve()), "--worker", str(workdir / "spec.json")],
+                          env=env, cwd=workdir, capture_output=True, text=True)
+    log = (proc.stdout + proc.stderr).strip()
+    result = json.loads(pathlib.Path(spec["result"]).read_text()) if pathlib.Path(spec["result"]).is_file() else None
+    if proc.returncode != 0:
+        return result, f"llm-compressor worker failed (exit {proc.returncode}): {log.splitlines()[-1] if log else ''}"
+    return result, None
+
+
 def load_float_weights(dense, model_dir: str):
     """A copy of `dense` with every tensor of the checkpoint that the dense model has (quantization
     parameters such as weight_scale are skipped; every dense tensor but a tied lm_head must be present)."""
@@ -107,7 +126,6 @@ def main() -> None:
     import torch
 
     import sparseforge
-    from llmcompressor_compare import run_llmc
     from sparseforge.core.calibration import CalibrationConfig, calibration_batches
     from sparseforge.eval.tasks import EvalContext, environment, run_tasks
     from sparseforge.formats.artifact import resolve_model_path
@@ -151,6 +169,14 @@ def main() -> None:
                     row["unavailable"] = run.get("error")
                 rows.append(row)
                 print(rows[-1], flush=True)
+        report(args, rows, llmc_env, reasons, schemes, threads, dense_ppl, settings)  # after every seed
+
+
+def report(args, rows, llmc_env, reasons, schemes, threads, dense_ppl, settings) -> None:
+    import statistics
+
+    from sparseforge.eval.tasks import environment
+
     summary = []
     for name in schemes:
         for tool in ("sparseforge", "llm-compressor"):
@@ -178,6 +204,7 @@ def main() -> None:
         md += ["", "llm-compressor unavailable: " + "; ".join(sorted(set(reasons)))]
     (OUT / f"{name}.md").write_text("\n".join(md) + "\n")
     print("\n".join(md))
+
 
 
 if __name__ == "__main__":
