@@ -146,7 +146,10 @@ def markdown(doc: dict) -> str:
              f"Machine: {env['cpu']} ({env['cpu_count']} cores), torch {env['torch']}, {doc['threads']} thread(s); the machine was shared "
              f"with other jobs (load average {doc['load_average']} at the start). Medians of {doc['repeats']} alternating calls after "
              f"{doc['warmup']} warm-up calls. Activations bfloat16 for bf16 and the integer kernels, float32 for fp32. Copy bandwidth "
-             f"{doc['ceilings']['copy_bytes_per_s'] / 1e9:.1f} GB/s (read + write). Written by `benchmarks/quant_speed.py`.", "",
+             f"{doc['ceilings']['copy_bytes_per_s'] / 1e9:.1f} GB/s (read + write), measured once at the start; shares above 100% mean that "
+             "measurement, taken under the other jobs' load, understates the bandwidth available later: read those columns as relative. "
+             "The bundled-model row decodes with eval.efficiency.speed's greedy loop over the KV cache (what `generate` does, without its "
+             "overhead). Written by `benchmarks/quant_speed.py`.", "",
              "## Llama-2-7B projection shapes (random weights, RTN codes)", "",
              "| shape | tokens | fp32 ms | bf16 ms | int8 ms | int4 g128 ms | int4 g32 ms | int8 vs bf16 | int4 g128 vs bf16 | int4 g32 vs bf16 | int4 g128 vs fp32 | % of bytes floor (bf16 / int8 / int4 g128) |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
