@@ -142,6 +142,14 @@ def cmd_export(args) -> int:
     out = check_output_dir(args.dense, args.overwrite, [("input model", source)], "--dense")
     model = api.load(args.model, trust_remote_code=args.trust_remote_code)
     tokenizer = _tokenizer_or_none(args.model, model, args.trust_remote_code)
+    if args.format == "compressed-tensors":
+        from sparseforge.formats.compressed_tensors_export import export_compressed_tensors
+        from sparseforge.formats.runtime_state import detached
+
+        with detached(model):
+            export_compressed_tensors(model, out, tokenizer, overwrite=args.overwrite)
+        _result(f"wrote compressed-tensors (pack-quantized) checkpoint {out}")
+        return 0
     info = dict(getattr(model, "sparseforge_info", {}) or {})
     save(model, out, tokenizer, recipe=info.get("recipe"), metrics=info.get("metrics"), overwrite=args.overwrite, base_model=info.get("base_model", source))
     _result(f"wrote plain Hugging Face checkpoint {out}")
@@ -429,9 +437,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="keep decoder layers on disk (scratch files in this directory) and hold one at a time in memory")
     p.set_defaults(func=cmd_compress)
 
-    p = sub.add_parser("export", help="write an artifact (e.g. a compact one) as a plain Hugging Face checkpoint")
+    p = sub.add_parser("export", help="write an artifact (e.g. a compact one) as a plain Hugging Face checkpoint, or as compressed-tensors")
     common(p, "artifact directory to export")
-    p.add_argument("--dense", required=True, help="output directory for the plain checkpoint")
+    p.add_argument("--dense", "--out", dest="dense", required=True, help="output directory")
+    p.add_argument("--format", default="dense", choices=("dense", "compressed-tensors"),
+                   help="dense: plain HF checkpoint; compressed-tensors: pack-quantized codes (quantized compact artifacts; vLLM/transformers load it)")
     p.add_argument("--overwrite", action="store_true", help="replace --dense if it exists")
     p.set_defaults(func=cmd_export)
 

@@ -192,10 +192,13 @@ def _compact_weights(model, directory: pathlib.Path) -> tuple[dict[str, dict], d
     """Replace the safetensors that save_pretrained wrote by the in-memory state dict (transformers may
     rename tensors on save, e.g. fused experts), with each sparse projection weight packed (N:M or bitmask). Tied tensors are stored once. Large float tensors (packed values included) are then
     plane-coded. Returns ({tensor name: sparse layout}, {tensor name: plane-coded dtype and shape})."""
+    import torch
     from safetensors.torch import save_file
 
     from sparseforge.core.adapter import ModelAdapter
     from sparseforge.core.masks import check_nm
+    from sparseforge.core.quantizer import quantized_weights
+    from sparseforge.formats.quant_storage import pack_quantized
     from sparseforge.formats.sparse_storage import encode_planes, pack_bitmask, pack_nm
 
     files = sorted(directory.glob("*.safetensors"))
@@ -214,8 +217,17 @@ def _compact_weights(model, directory: pathlib.Path) -> tuple[dict[str, dict], d
     out: dict = {}
     layout: dict[str, dict] = {}
     projection_params = {p.state_key: (n, p) for n, p in ModelAdapter(model).projections().items()}
+    quantized = quantized_weights(model)
     for key, t in tensors.items():
         proj = projection_params.get(key)
+        transposed = proj is not None and proj[1].kind == "conv1d"
+        qw = quantized.get(key)
+        # Quantized weights (formats/quant_storage.py), where the weight still is exactly its codes.
+        if qw is not None and t.dim() == 2 and torch.equal(qw.dequantize().to(t.dtype), t.t() if transposed else t):
+            parts, spec = pack_quantized(qw)
+            out.update({f"{key}::{part}": value for part, value in parts.items()})
+            layout[key] = spec | {"transposed": transposed, "dtype": str(t.dtype).removeprefix("torch.")}
+            continue
         if proj is None or t.numel() < 64:
             out[key] = t
             continue
@@ -261,8 +273,9 @@ def _load_compact(path: pathlib.Path, info: dict, dtype):
         raise UserInputError(f"compact artifact '{path}' has no {COMPACT_WEIGHTS_FILE}; copy the whole directory again or re-create it")
     check_safetensors(weights)
     raw = load_file(weights)
+    quantized: dict = {}
     try:
-        state = _unpack_compact(raw, info["storage"])
+        state = _unpack_compact(raw, info["storage"], quantized)
     except UserInputError:
         raise
     except (KeyError, TypeError, ValueError, AttributeError, IndexError, RuntimeError, OverflowError, MemoryError, zlib.error) as exc:
@@ -276,6 +289,10 @@ def _load_compact(path: pathlib.Path, info: dict, dtype):
     except RuntimeError as exc:  # shapes that do not match the config
         raise UserInputError(f"compact artifact '{path}' does not match its config ({str(exc).splitlines()[-1].strip()[:160]}); re-create it") from None
     model.tie_weights()
+    if quantized:
+        from sparseforge.core.quantizer import record_quantized
+
+        record_quantized(model, quantized)  # so kernels and a second save see the codes again
     loaded = {p.data_ptr() for k, p in model.state_dict().items() if k in state}
     missing = [k for k in result.missing_keys if model.state_dict()[k].data_ptr() not in loaded]
     if missing or result.unexpected_keys:
@@ -283,10 +300,12 @@ def _load_compact(path: pathlib.Path, info: dict, dtype):
     return model
 
 
-def _unpack_compact(raw: dict, storage: dict) -> dict:
-    """The model's state dict from the compact file's tensors and sparseforge.json's storage section."""
+def _unpack_compact(raw: dict, storage: dict, quantized: dict | None = None) -> dict:
+    """The model's state dict from the compact file's tensors and sparseforge.json's storage section; quantized
+    weights' codes also go to `quantized` ({state key: QuantizedWeight}) when given."""
     import torch
 
+    from sparseforge.formats.quant_storage import unpack_quantized
     from sparseforge.formats.sparse_storage import decode_planes, unpack_bitmask, unpack_nm
 
     for key, spec in storage.get("planes", {}).items():
@@ -299,7 +318,16 @@ def _unpack_compact(raw: dict, storage: dict) -> dict:
     for key, spec in storage["tensors"].items():
         parts = {k.split("::", 1)[1]: v for k, v in raw.items() if k.startswith(f"{key}::")}
         shape = tuple(int(d) for d in spec["shape"])
-        w = unpack_nm(parts, shape, int(spec["n"]), int(spec["m"])) if spec["format"] == "nm" else unpack_bitmask(parts, shape)
+        if spec["format"] == "quant":
+            qw = unpack_quantized(parts, spec)
+            dtype = getattr(torch, str(spec["dtype"]), None)
+            if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+                raise ValueError(f"unknown dtype '{spec['dtype']}'")
+            w = qw.dequantize().to(dtype)
+            if quantized is not None:
+                quantized[key] = qw
+        else:
+            w = unpack_nm(parts, shape, int(spec["n"]), int(spec["m"])) if spec["format"] == "nm" else unpack_bitmask(parts, shape)
         state[key] = w.t().contiguous() if spec.get("transposed") else w
     return state
 
