@@ -15,15 +15,13 @@ from sparseforge.core.surgery import replace_module
 from sparseforge.errors import UserInputError
 from sparseforge.kernels.base import SpeedGate
 from sparseforge.kernels.int_weight_only import QuantLinear, kernel_for, measure_gate
-from sparseforge.methods.base import RuntimeMethod, RuntimeState, param, register
+from sparseforge.methods.base import RuntimeState, register
+from sparseforge.methods.kernels.base import GateParams, KernelStage
 
 
 @dataclasses.dataclass
-class QuantKernelParams:
-    token_counts: list[int] = param([1, 16, 128, 512], "token counts per product at which the gate times the kernel against dense")
-    repeats: int = param(10, "timed calls per (shape, token count) and round; the gate keeps the median")
-    warmup: int = param(3, "untimed calls before timing")
-    margin: float = param(0.05, "the kernel is chosen only where it was faster than dense by more than this fraction")
+class QuantKernelParams(GateParams):
+    pass
 
 
 def _routable(model, targets, ignore) -> dict:
@@ -41,21 +39,10 @@ def _routable(model, targets, ignore) -> dict:
 
 
 @register
-class QuantKernel(RuntimeMethod):
+class QuantKernel(KernelStage):
     name = "quant-kernel"
-    family = "kernels"
     summary = "multiply quantized projections through int8/int4 weight-only CPU kernels where a speed gate measured at compress time finds them faster"
     Params = QuantKernelParams
-
-    @classmethod
-    def validate(cls, params, where: str = "") -> None:
-        counts = params.token_counts
-        if not counts or not all(isinstance(t, int) and not isinstance(t, bool) and t >= 1 for t in counts):
-            raise UserInputError(f"{where}token_counts must be a non-empty list of positive integers, e.g. [1, 16, 128, 512]")
-        if params.repeats < 1 or params.warmup < 0:
-            raise UserInputError(f"{where}repeats must be >= 1 and warmup >= 0 (e.g. 10 and 3)")
-        if not 0 <= params.margin < 1:
-            raise UserInputError(f"{where}margin {params.margin} must be in [0, 1), e.g. 0.05")
 
     @classmethod
     def example_params(cls) -> dict:

@@ -8,34 +8,20 @@ import dataclasses
 
 from sparseforge.errors import UserInputError
 from sparseforge.kernels.base import SparseLinear, SpeedGate, kernel_names
-from sparseforge.methods.base import RuntimeMethod, RuntimeState, param, register
+from sparseforge.methods.base import RuntimeState, param, register
+from sparseforge.methods.kernels.base import GateParams, KernelStage
 
 
 @dataclasses.dataclass
-class SparseKernelParams:
+class SparseKernelParams(GateParams):
     kernel: str = param("csr", "sparse kernel that multiplies the routed projections", kernel_names)
-    token_counts: list[int] = param([1, 16, 128, 512], "token counts per product at which the gate times sparse against dense")
-    repeats: int = param(10, "timed calls per (shape, token count); the gate keeps the median")
-    warmup: int = param(3, "untimed calls before timing")
-    margin: float = param(0.05, "sparse is chosen only where it was faster than dense by more than this fraction")
 
 
 @register
-class SparseKernel(RuntimeMethod):
+class SparseKernel(KernelStage):
     name = "sparse-kernel"
-    family = "kernels"
     summary = "multiply pruned projections through a sparse kernel wherever a speed gate measured at compress time finds it faster"
     Params = SparseKernelParams
-
-    @classmethod
-    def validate(cls, params, where: str = "") -> None:
-        counts = params.token_counts
-        if not counts or not all(isinstance(t, int) and not isinstance(t, bool) and t >= 1 for t in counts):
-            raise UserInputError(f"{where}token_counts must be a non-empty list of positive integers, e.g. [1, 16, 128, 512]")
-        if params.repeats < 1 or params.warmup < 0:
-            raise UserInputError(f"{where}repeats must be >= 1 and warmup >= 0 (e.g. 10 and 3)")
-        if not 0 <= params.margin < 1:
-            raise UserInputError(f"{where}margin {params.margin} must be in [0, 1), e.g. 0.05")
 
     @classmethod
     def example_params(cls) -> dict:
