@@ -169,26 +169,15 @@ class SpeedGate:
         return gate
 
 
-class SparseLinear(nn.Linear):
-    """An nn.Linear whose product goes through a sparse kernel where its gate says that pays, dense elsewhere.
+class GatedLinear(nn.Linear):
+    """Shared by the kernel-backed linear layers: the weight and bias are the replaced layer's own parameters, and
+    each token count's choice between the kernel and the dense `F.linear` is asked of the gate once and cached.
+    Subclasses set `kernel`, `gate_key` and `gate` and say what the kernel multiplies (`kernel_operand`)."""
 
-    It shares the parameters of the layer it replaces (same names, shapes and values), so state dicts, saved
-    checkpoints and compression methods see an ordinary linear layer. The compressed copy is built on first
-    sparse use and rebuilt whenever the weight changes (its version counter moves) or moves device or dtype;
-    it is extra memory next to the dense weight, not a replacement for it."""
-
-    def __init__(self, linear: nn.Linear, kernel: SparseKernel, gate: SpeedGate):
+    def _share(self, linear: nn.Linear) -> None:
         nn.Module.__init__(self)  # not nn.Linear.__init__: that would allocate a fresh weight
-        if not kernel.accepts(linear.weight.data):
-            raise UserInputError(f"this weight does not have the pattern the '{kernel.name}' kernel stores; {kernel.summary}")
         self.in_features, self.out_features = linear.in_features, linear.out_features
-        self.weight = linear.weight
-        self.bias = linear.bias
-        self.kernel = kernel
-        self.gate_key = kernel.key(linear.weight.data)
-        self.gate = gate
-        self._compressed = None
-        self._compressed_for = None
+        self.weight, self.bias = linear.weight, linear.bias
 
     @property
     def gate(self) -> SpeedGate:
@@ -202,6 +191,48 @@ class SparseLinear(nn.Linear):
     def _apply(self, fn, *args, **kwargs):
         self._decisions = {}  # .to() / .half() / .cuda(): device or dtype may change what can run
         return super()._apply(fn, *args, **kwargs)
+
+    def uses_kernel(self, tokens: int) -> bool:
+        answer = self._decisions.get(tokens)
+        if answer is None:
+            w = self.weight
+            answer = self.kernel.supports(w.device, w.dtype) and self.gate.choose(self.gate_key, tokens) == "sparse"
+            self._decisions[tokens] = answer
+        return answer
+
+    def kernel_operand(self):
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        tokens = x.numel() // self.in_features
+        if (torch.is_grad_enabled() and self.weight.requires_grad) or not self.uses_kernel(tokens):
+            return F.linear(x, self.weight, self.bias)  # training needs the dense weight's gradient
+        y = self.kernel.matmul(x.reshape(tokens, self.in_features), self.kernel_operand())
+        if self.bias is not None:
+            y = y + self.bias
+        return y.reshape(*x.shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, kernel={self.kernel.name}"
+
+
+class SparseLinear(GatedLinear):
+    """An nn.Linear whose product goes through a sparse kernel where its gate says that pays, dense elsewhere.
+
+    It shares the parameters of the layer it replaces (same names, shapes and values), so state dicts, saved
+    checkpoints and compression methods see an ordinary linear layer. The compressed copy is built on first
+    sparse use and rebuilt whenever the weight changes (its version counter moves) or moves device or dtype;
+    it is extra memory next to the dense weight, not a replacement for it."""
+
+    def __init__(self, linear: nn.Linear, kernel: SparseKernel, gate: SpeedGate):
+        if not kernel.accepts(linear.weight.data):
+            raise UserInputError(f"this weight does not have the pattern the '{kernel.name}' kernel stores; {kernel.summary}")
+        self._share(linear)
+        self.kernel = kernel
+        self.gate_key = kernel.key(linear.weight.data)
+        self.gate = gate
+        self._compressed = None
+        self._compressed_for = None
 
     def __getstate__(self):
         # Copies and pickles rebuild the compressed weight on first use (sparse CSR tensors cannot be deep-copied).
@@ -218,21 +249,7 @@ class SparseLinear(nn.Linear):
         return self._compressed
 
     def uses_sparse(self, tokens: int) -> bool:
-        answer = self._decisions.get(tokens)
-        if answer is None:
-            w = self.weight
-            answer = self.kernel.supports(w.device, w.dtype) and self.gate.choose(self.gate_key, tokens) == "sparse"
-            self._decisions[tokens] = answer
-        return answer
+        return self.uses_kernel(tokens)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        tokens = x.numel() // self.in_features
-        if (torch.is_grad_enabled() and self.weight.requires_grad) or not self.uses_sparse(tokens):
-            return F.linear(x, self.weight, self.bias)  # training needs the dense weight's gradient
-        y = self.kernel.matmul(x.reshape(tokens, self.in_features), self.compressed_weight())
-        if self.bias is not None:
-            y = y + self.bias
-        return y.reshape(*x.shape[:-1], self.out_features)
-
-    def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, kernel={self.kernel.name}"
+    def kernel_operand(self):
+        return self.compressed_weight()

@@ -22,7 +22,7 @@ from torch import nn
 
 from sparseforge.core.quantizer import QuantizedWeight, QuantScheme, quantize_rtn
 from sparseforge.errors import UserInputError
-from sparseforge.kernels.base import SpeedGate, median_seconds, parse_shape
+from sparseforge.kernels.base import GatedLinear, SpeedGate, median_seconds, parse_shape
 
 
 # Their own registry, not kernels.base.KERNELS: a sparse kernel compresses whatever float weight it is handed,
@@ -110,41 +110,21 @@ def kernel_for(qw: QuantizedWeight) -> WeightOnlyKernel | None:
     return next((k for k in QUANT_KERNELS.values() if k.accepts_quantized(qw)), None)
 
 
-class QuantLinear(nn.Linear):
+class QuantLinear(GatedLinear):
     """An nn.Linear whose weight is exactly its recorded codes, multiplied through a weight-only kernel where its
     gate measured that faster and densely elsewhere. Shares the replaced layer's parameters, so state dicts
     and checkpoints are unchanged; the packed codes are extra memory next to the dense weight."""
 
     def __init__(self, linear: nn.Linear, qw: QuantizedWeight, kernel: WeightOnlyKernel, gate: SpeedGate):
-        nn.Module.__init__(self)
         if tuple(linear.weight.shape) != qw.shape:
             raise UserInputError(f"recorded codes of shape {qw.shape} do not match the layer's weight {tuple(linear.weight.shape)}; re-create the artifact")
-        self.in_features, self.out_features = linear.in_features, linear.out_features
-        self.weight, self.bias = linear.weight, linear.bias
+        self._share(linear)
         self.kernel, self.gate = kernel, gate
         self.gate_key = kernel.key_for(qw)
         self.packed = kernel.pack(qw)
-        self._decisions: dict[int, bool] = {}
 
-    def uses_kernel(self, tokens: int) -> bool:
-        answer = self._decisions.get(tokens)
-        if answer is None:
-            w = self.weight
-            answer = self.kernel.supports(w.device, w.dtype) and self.gate.choose(self.gate_key, tokens) == "sparse"
-            self._decisions[tokens] = answer
-        return answer
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        tokens = x.numel() // self.in_features
-        if (torch.is_grad_enabled() and self.weight.requires_grad) or not self.uses_kernel(tokens):
-            return F.linear(x, self.weight, self.bias)
-        y = self.kernel.matmul(x.reshape(tokens, self.in_features), self.packed)
-        if self.bias is not None:
-            y = y + self.bias
-        return y.reshape(*x.shape[:-1], self.out_features)
-
-    def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, kernel={self.kernel.name}"
+    def kernel_operand(self):
+        return self.packed
 
 
 def scheme_from_key(key: str) -> QuantScheme:
