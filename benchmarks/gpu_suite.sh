@@ -4,7 +4,8 @@
 #   bash benchmarks/gpu_suite.sh            # results land in benchmarks/results/ (copied to $OUT/results if set)
 # What it does, in order: install (keeps the machine's CUDA torch), the GPU tests, 2:4 vs. dense products with
 # the speed gate's choices (Llama-2-7B shapes, 1-8192 tokens), one 7B-shaped layer pruned on the GPU, and
-# structured-pruning prefill speed on the GPU (into benchmarks/results/gpu/).
+# structured-pruning prefill speed on the GPU (into benchmarks/results/gpu/), then issue 12's Triton row-skipping kernel
+# (its tests and benchmarks/activation_triton.py).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 python -c "import torch; assert torch.cuda.is_available(), 'no CUDA GPU visible'; print(torch.__version__, torch.cuda.get_device_name())"
@@ -14,5 +15,9 @@ python -m pytest -q tests/test_sparse_kernels.py || tests_ok=1  # measure anyway
 python benchmarks/semi_structured_speed.py
 python benchmarks/prune_7b_layer.py --device cuda
 python benchmarks/structured_speed.py --devices cuda --out-dir benchmarks/results/gpu  # keeps the CPU table of this repo
+# Issue 12: the Triton row-skipping kernel (tests, then sparse vs. dense on the three 7B shapes, float16/bfloat16).
+python -c "import triton" 2>/dev/null || pip install --quiet 'triton>=3.0'
+python -m pytest -q tests/test_activation_triton.py || tests_ok=1
+python benchmarks/activation_triton.py
 if [ -n "${OUT:-}" ]; then mkdir -p "$OUT" && cp -r benchmarks/results "$OUT/"; fi
 exit $tests_ok

@@ -93,10 +93,17 @@ def test_fallback_without_compiler_is_announced_once(monkeypatch, caplog):
 
 
 def test_kernel_registry_and_reference_kernel_route_nothing():
-    assert ak.activation_kernel_names() == ("row-skip", "reference")
+    assert ak.activation_kernel_names() == ("auto", "row-skip", "reference", "triton")
+    assert ak.get_activation_kernel("auto").pick("cpu", torch.float32).name == "row-skip"
+    assert ak.get_activation_kernel("auto").pick("cpu", torch.float16) is None  # no CPU kernel reads float16
+    assert not ak.get_activation_kernel("triton").supports("cpu", torch.bfloat16)
     lin = torch.nn.Linear(16, 8, bias=False)
     gate = ak.ActivationGate({ak.gate_key(8, 16, torch.float32): {1: {1.0: {"dense_s": 1.0, "sparse_s": 0.1}}}})
     assert ActivationSparseLinear(lin, torch.zeros(16), 0.5, gate, product="row-skip").uses_kernel(1)
     assert not ActivationSparseLinear(lin, torch.zeros(16), 0.5, gate, product="reference").uses_kernel(1)
+    layer = ActivationSparseLinear(lin, torch.zeros(16), 0.5, gate, product="auto")
+    assert layer.uses_kernel(1) and layer._decisions == {(1,): "sparse"}  # GatedLinear's cache
+    layer.to(torch.float64)
+    assert layer._decisions == {} and not layer.uses_kernel(1)  # a cast forgets the decision; no float64 kernel
     with pytest.raises(Exception, match="unknown activation kernel 'x'"):
         ak.get_activation_kernel("x")

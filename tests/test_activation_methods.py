@@ -97,8 +97,9 @@ def test_cats_zeroes_the_activation_and_detach_restores_it(tokenizer):
     ids = torch.randint(0, 4096, (1, 16), generator=torch.Generator().manual_seed(4))
     with torch.no_grad():
         before = model(ids).logits
-    sparseforge.attach_method(model, "cats", {"sparsity": 0.5, "gate_token_counts": [1], "gate_repeats": 1}, tokenizer=tokenizer,
-                              calibration=CalibrationConfig(samples=2, seq_len=32))
+    # sparse_up off: this test watches the down projection's input, which the fused MLP path never forms.
+    sparseforge.attach_method(model, "cats", {"sparsity": 0.5, "gate_token_counts": [1], "gate_repeats": 1, "sparse_up": False},
+                              tokenizer=tokenizer, calibration=CalibrationConfig(samples=2, seq_len=32))
     act = model.model.layers[0].mlp.act_fn
     assert isinstance(act, ThresholdedActivation) and act.original[0] is act_before
     seen = []
@@ -145,7 +146,8 @@ def test_presets(preset, method):
     ("rsparse", {"sparsity": 1.0}, "sparsity 1.0 must be in [0, 0.95]"),
     ("cats", {"sparsity": 0.99}, "sparsity 0.99 must be in [0, 0.95]"),
     ("cats", {"gate_repeats": 0}, "gate_repeats must be >= 1"),
-    ("cats", {"kernel": "gpu"}, "allowed: row-skip, reference"),
+    ("cats", {"kernel": "gpu"}, "allowed: auto, row-skip, reference, triton"),
+    ("teal", {"int8": "yes"}, "allowed: auto, off"),
 ])
 def test_bad_params(method, params, message):
     text = f"stages:\n  - method: {method}\n    params: " + repr(params).replace("'", '"') + "\n"

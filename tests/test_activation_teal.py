@@ -147,7 +147,7 @@ def test_presets_parse():
     ({"allocation_step": 0.5}, "allocation_step 0.5 must be in"),
     ({"prefill": "some"}, "allowed: sparse, dense, partial"),
     ({"prefill_dense_tokens": -1}, "prefill_dense_tokens must be >= 0"),
-    ({"kernel": "triton"}, "allowed: row-skip, reference"),  # from the activation-kernel registry
+    ({"kernel": "cuda"}, "allowed: auto, row-skip, reference, triton"),  # from the activation-kernel registry
     ({"gate_token_counts": []}, "gate_token_counts must be a non-empty list"),
     ({"gate_token_counts": [0]}, "gate_token_counts must be a non-empty list"),
     ({"gate_repeats": 0}, "gate_repeats must be >= 1"),

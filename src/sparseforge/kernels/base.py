@@ -186,19 +186,27 @@ class GatedLinear(nn.Linear):
     @gate.setter
     def gate(self, gate: SpeedGate) -> None:
         self._gate = gate
-        self._decisions = {}  # tokens -> bool; a decode step asks the same question every call
+        self._decisions = {}  # (tokens, ...) -> decision; a decode step asks the same question every call
 
     def _apply(self, fn, *args, **kwargs):
         self._decisions = {}  # .to() / .half() / .cuda(): device or dtype may change what can run
         return super()._apply(fn, *args, **kwargs)
 
-    def uses_kernel(self, tokens: int) -> bool:
-        answer = self._decisions.get(tokens)
+    def decide(self, tokens: int, *key):
+        """The uncached decision for a call of `tokens` tokens (True: the kernel). Subclasses whose gate knows
+        more than the token count, or more paths than two, override it; `key` is what else the decision depends on."""
+        w = self.weight
+        return self.kernel.supports(w.device, w.dtype) and self.gate.choose(self.gate_key, tokens) == "sparse"
+
+    def decision(self, tokens: int, *key):
+        """`decide`, asked once per (tokens, *key) until the gate, device or dtype changes."""
+        answer = self._decisions.get((tokens, *key))
         if answer is None:
-            w = self.weight
-            answer = self.kernel.supports(w.device, w.dtype) and self.gate.choose(self.gate_key, tokens) == "sparse"
-            self._decisions[tokens] = answer
+            answer = self._decisions[(tokens, *key)] = self.decide(tokens, *key)
         return answer
+
+    def uses_kernel(self, tokens: int) -> bool:
+        return self.decision(tokens)
 
     def kernel_operand(self):
         raise NotImplementedError

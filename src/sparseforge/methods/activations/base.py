@@ -27,6 +27,7 @@ from sparseforge.core.adapter import ModelAdapter
 from sparseforge.core.surgery import replace_module
 from sparseforge.errors import UserInputError
 from sparseforge.kernels import activation_sparse as kernel
+from sparseforge.kernels.base import GatedLinear
 from sparseforge.methods.base import RuntimeMethod, RuntimeState
 
 PREFILL_MODES = ("sparse", "dense", "partial")
@@ -51,39 +52,50 @@ def validate_common(params, where: str) -> None:
         raise UserInputError(f"{w}gate_repeats must be >= 1, e.g. 7")
 
 
-class ActivationSparseLinear(nn.Module):
+class ActivationSparseLinear(GatedLinear):
     """Stands in for an `nn.Linear` while an activation stage is attached: zero the input channels at or below the
     thresholds, then multiply, through the row-skipping kernel where the gate measured it faster, else through the
     reference (mask, then `F.linear`). It holds the replaced layer (`original`) and shares its parameters, so
-    detach puts back the very same module and the weights in a state dict keep their names.
+    detach puts back the very same module and the weights in a state dict keep their names. The per-token-count
+    decision cache is `GatedLinear`'s; this layer's gate also keys on its density (fixed per layer).
 
     prefill: "sparse" thresholds every token; "dense" runs forwards of more than one position (a prompt) densely
     and only decode steps sparse; "partial" keeps the first `dense_tokens` positions of a multi-position forward
     dense (they hold the attention sinks, whose activations are the largest) and thresholds the rest.
-    `lowrank` (R-Sparse): (U [out, r], V [r, in]) with U V ≈ W, applied to the channels the mask dropped."""
+    `lowrank` (R-Sparse): (U [out, r], V [r, in]) with U V ≈ W, applied to the channels the mask dropped.
+    `int8` (a `QuantizedWeight` of 8-bit per-channel codes that the weight exactly is): the sparse path skips rows
+    of the int8 codes instead (`kernels.activation_sparse.Int8Rows`), and the gate may pick issue 11's int8 dense
+    kernel on the masked input ("int8") where that beats both."""
 
     def __init__(self, original: nn.Linear, threshold: torch.Tensor, density: float, gate: kernel.ActivationGate | None,
                  prefill: str = "sparse", dense_tokens: int = 0, lowrank: tuple[torch.Tensor, torch.Tensor] | None = None,
-                 product: str = "row-skip"):
-        super().__init__()
-        self.product = kernel.get_activation_kernel(product)
+                 product: str = "row-skip", int8=None):
+        self._share(original)
+        self.kernel = kernel.get_activation_kernel(product)
         self.original = [original]  # a list: not a submodule, so its parameters are not listed twice
-        self.weight, self.bias = original.weight, original.bias
-        self.in_features, self.out_features = original.in_features, original.out_features
         self.register_buffer("threshold", threshold.to(original.weight.device, torch.float32), persistent=False)
         if lowrank is not None:
             self.register_buffer("lowrank_u", lowrank[0].to(original.weight.device, original.weight.dtype), persistent=False)
             self.register_buffer("lowrank_v", lowrank[1].to(original.weight.device, original.weight.dtype), persistent=False)
         self.has_lowrank = lowrank is not None
+        self.int8_rows = self.int8_dense = None
+        if int8 is not None:
+            from sparseforge.kernels.int_weight_only import Int8WeightOnly
+
+            self.int8_rows = kernel.Int8Rows.from_quantized(int8)
+            if kernel.int8_dense_ok(original.in_features):
+                self.int8_dense = (Int8WeightOnly(), Int8WeightOnly().pack(int8))
         self.density = float(density)
         self.gate = gate
+        self.mlp_fused = False  # CATS sets it where it fuses this down projection with its MLP's up product
         self.prefill, self.dense_tokens = prefill, int(dense_tokens)
         self.counter: list[float] | None = None  # [zeroed entries, entries] while measuring
         self._wt, self._wt_for = None, None
-        self._decisions: dict[tuple, bool] = {}
 
     def _apply(self, fn, *args, **kwargs):
-        self._decisions, self._wt, self._wt_for = {}, None, None  # device or dtype may change
+        self._wt, self._wt_for = None, None  # device or dtype may change (GatedLinear forgets its decisions)
+        if self.int8_rows is not None:
+            self.int8_rows = self.int8_dense = None  # the codes describe the weight as it was; a cast changes it
         return super()._apply(fn, *args, **kwargs)
 
     def weight_t(self) -> torch.Tensor:
@@ -96,23 +108,41 @@ class ActivationSparseLinear(nn.Module):
             self._wt_for = version
         return self._wt
 
+    def decide(self, tokens: int, *key) -> str:
+        """"sparse", "int8" or "dense" for `tokens` tokens; key ("mlp",): whether CATS's fused MLP runs ("sparse")."""
+        w = self.weight
+        if self.gate is None:
+            return "dense"
+        if key == ("mlp",):
+            if not (self.mlp_fused and kernel.cpu_extras_supported(self.kernel, w.device, w.dtype)):
+                return "dense"
+            return self.gate.choose(kernel.mlp_gate_key(self.in_features, self.out_features, w.dtype), tokens, self.density)
+        if self.int8_rows is not None:
+            if not kernel.cpu_extras_supported(self.kernel, w.device, w.dtype):
+                return "dense"
+            choice = self.gate.choose(kernel.int8_gate_key(self.out_features, self.in_features, w.dtype), tokens, self.density)
+            return "dense" if choice == "int8" and self.int8_dense is None else choice
+        if not self.kernel.supports(w.device, w.dtype):
+            return "dense"
+        choice = self.gate.choose(kernel.gate_key(self.out_features, self.in_features, w.dtype, w.device), tokens, self.density)
+        return "sparse" if choice == "sparse" else "dense"
+
     def uses_kernel(self, tokens: int) -> bool:
-        key = (tokens, self.weight.dtype, self.weight.device.type)
-        answer = self._decisions.get(key)
-        if answer is None:
-            answer = (self.gate is not None and self.product.supports(self.weight.device, self.weight.dtype)
-                      and self.gate.choose(kernel.gate_key(self.out_features, self.in_features, self.weight.dtype), tokens,
-                                           self.density) == "sparse")
-            self._decisions[key] = answer
-        return answer
+        return self.decision(tokens) == "sparse"
 
     def sparse_product(self, x: torch.Tensor) -> torch.Tensor:
         """x [tokens, in] -> [tokens, out], thresholded; no bias."""
         if self.counter is not None:
             self.counter[0] += float((x.abs() <= self.threshold.to(x.dtype)).sum())
             self.counter[1] += x.numel()
-        if not (torch.is_grad_enabled() and self.weight.requires_grad) and self.uses_kernel(x.shape[0]):
-            y = self.product.product(x, self.weight_t(), self.threshold)
+        path = "dense" if torch.is_grad_enabled() and self.weight.requires_grad else self.decision(x.shape[0])
+        if path == "sparse" and self.int8_rows is not None:
+            y = kernel.row_skip_int8_product(x, self.int8_rows, self.threshold)[0]
+        elif path == "sparse":
+            y = self.kernel.product(x, self.weight_t(), self.threshold)
+        elif path == "int8":
+            mask = x.abs() > self.threshold.to(x.dtype)
+            y = self.int8_dense[0].matmul(x * mask, self.int8_dense[1])
         else:
             y = kernel.reference_product(x, self.weight, self.threshold)
         if self.has_lowrank:
@@ -140,7 +170,7 @@ class ActivationSparseLinear(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, density={self.density:.3f}, "
-                f"prefill={self.prefill}, lowrank={self.has_lowrank}")
+                f"prefill={self.prefill}, lowrank={self.has_lowrank}, int8={self.int8_rows is not None}, kernel={self.kernel.name}")
 
 
 @dataclasses.dataclass
@@ -238,20 +268,48 @@ class ActivationMethod(RuntimeMethod):
 
     def measure_gate(self, model, modules: dict[str, nn.Module], densities: dict[str, float]) -> kernel.ActivationGate:
         """Time dense vs. row skipping on the routed projections' shapes, dtype and expected densities (only the
-        buckets in use), unless the stage asked for the reference path or the kernel cannot run here."""
+        buckets in use), unless the stage asked for the reference path or the kernel cannot run here. Projections
+        stored as int8 codes (see `int8_records`) are timed over their codes, against the int8 dense kernel too."""
         p = self.params
         w = next(iter(modules.values())).weight
-        if not kernel.get_activation_kernel(p.kernel).supports(w.device, w.dtype):
-            return kernel.ActivationGate()
+        product = kernel.get_activation_kernel(p.kernel)
         gate = kernel.ActivationGate()
-        wanted: dict[tuple[int, int], set[float]] = {}
+        if not product.supports(w.device, w.dtype):
+            return gate
+        int8 = self.int8_records(model, modules)
+        wanted: dict[tuple[int, int, bool], set[float]] = {}
         for name, m in modules.items():
-            wanted.setdefault((m.out_features, m.in_features), set()).add(round(kernel.density_bucket(densities[name]), 2))
-        for shape, buckets in wanted.items():
-            part = kernel.ActivationGate.measure([shape], w.dtype, p.gate_token_counts, sorted(buckets), repeats=p.gate_repeats, warmup=1,
-                                                 kernel=p.kernel)
-            gate.timings.update(part.timings)
+            shape = (m.out_features, m.in_features, name in int8)
+            wanted.setdefault(shape, set()).add(round(kernel.density_bucket(densities[name]), 2))
+        for (out_f, in_f, is_int8), buckets in wanted.items():
+            if is_int8:
+                part = kernel.ActivationGate.measure_int8([(out_f, in_f)], w.dtype, p.gate_token_counts, sorted(buckets), repeats=p.gate_repeats,
+                                                          warmup=1)
+            else:
+                part = kernel.ActivationGate.measure([(out_f, in_f)], w.dtype, p.gate_token_counts, sorted(buckets), repeats=p.gate_repeats,
+                                                     warmup=1, kernel=product, device=w.device)
+            gate.merge(part)
         return gate
+
+    def int8_records(self, model, modules: dict[str, nn.Module]) -> dict:
+        """{projection: QuantizedWeight} for the projections whose weight is exactly recorded 8-bit per-channel codes
+        (a gptq/rtn stage with bits 8 and group_size 0 ran before, or a compact artifact was loaded), when the stage's
+        `int8` is "auto" and the C++ kernel can run; their products then skip rows of the codes."""
+        from sparseforge.core.quantizer import quantized_weights
+
+        if getattr(self.params, "int8", "off") != "auto":
+            return {}
+        records = quantized_weights(model)
+        found = {}
+        for name, m in modules.items():
+            qw = records.get(f"{name}.weight")
+            w = m.weight
+            if (qw is None or not kernel.Int8Rows.accepts(qw) or tuple(w.shape) != qw.shape
+                    or not kernel.cpu_extras_supported(kernel.get_activation_kernel(self.params.kernel), w.device, w.dtype)):
+                continue
+            if torch.equal(qw.dequantize().to(w.dtype), w.detach()):  # the weight still is its codes
+                found[name] = qw
+        return found
 
     def thresholds(self, model, sites: list[Site], modules: dict[str, nn.Module]) -> dict[str, dict[str, Any]]:
         """{projection: {"threshold": tensor [in] float32, "sparsity": expected fraction zeroed, "site": name,
@@ -298,12 +356,16 @@ class ActivationMethod(RuntimeMethod):
         gate = kernel.ActivationGate.from_dict(data["gate"])
         swapped: list[str] = []
         try:
-            for name, info in projections.items():
+            linears = {}
+            for name in projections:
                 try:
-                    old = model.get_submodule(name)
+                    linears[name] = model.get_submodule(name)
                 except AttributeError:
                     raise UserInputError(f"{self.name} state names projection '{name}', which this model does not have; "
                                          "attach it to the model it was calibrated on") from None
+            int8 = self.int8_records(model, {n: m for n, m in linears.items() if isinstance(m, nn.Linear)})
+            for name, info in projections.items():
+                old = linears[name]
                 t = tensors.get(f"{name}.threshold")
                 if not isinstance(old, nn.Linear) or t is None or tuple(t.shape) != (old.in_features,):
                     raise UserInputError(f"{self.name} state for '{name}' does not fit the model (needs an nn.Linear and a threshold of its "
@@ -312,7 +374,7 @@ class ActivationMethod(RuntimeMethod):
                 if f"{name}.lowrank_u" in tensors:
                     lowrank = (tensors[f"{name}.lowrank_u"], tensors[f"{name}.lowrank_v"])
                 new = ActivationSparseLinear(old, t, 1.0 - float(info["sparsity"]), gate, self.params.prefill,
-                                             self.params.prefill_dense_tokens, lowrank, self.params.kernel)
+                                             self.params.prefill_dense_tokens, lowrank, self.params.kernel, int8.get(name))
                 replace_module(model, name, new)
                 swapped.append(name)
             self.attach_extra(model, state)
