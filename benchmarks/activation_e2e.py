@@ -10,8 +10,9 @@ warm-up round; per variant the median over rounds. A `generate` call: a 32-token
 greedy tokens (min_new_tokens the same, so every call decodes as many); decode tokens/s = (N - 1) / (time of
 N tokens - time of 1 token), which removes the prefill. The load average is recorded.
 
-Writes benchmarks/results/activation_e2e.json and .md. Usage: python benchmarks/activation_e2e.py [--threads 1]
-[--rounds 3] [--new-tokens 16] [--models random7b,bundled]
+Writes benchmarks/results/activation_e2e.json and .md (--out: another stem). Usage: python benchmarks/activation_e2e.py
+[--threads 1] [--rounds 3] [--new-tokens 16] [--models random7b,bundled] [--methods teal,cats,cats@down,...]
+("cats@down": CATS with its up product dense, only the down product skipping rows)
 """
 from __future__ import annotations
 
@@ -57,8 +58,12 @@ def decode_rate(model, prompt, n: int) -> float:
 
 
 def calibrated(model, tok, method: str, sparsity: float, cal: CalibrationConfig, uniform: bool) -> AttachedStage:
+    # "cats@down": CATS with only the down product skipping rows (its up product dense), for comparison.
+    method, down_only = method.removesuffix("@down"), method.endswith("@down")
     cls = get_method(method)
     params = {"sparsity": sparsity, "gate_token_counts": [1], "gate_repeats": 5}
+    if down_only:
+        params["sparse_up"] = False
     if method == "teal" and uniform:
         params["allocation"] = "uniform"
     m = cls(cls.parse_params(params))
@@ -125,19 +130,20 @@ def main() -> None:
     ap.add_argument("--models", default="random7b,bundled")
     ap.add_argument("--methods", default=",".join(METHODS))
     ap.add_argument("--markdown-only", action="store_true", help="rewrite the .md (and derived JSON fields) from the saved JSON")
+    ap.add_argument("--out", default="activation_e2e", help="results file stem (e.g. activation_e2e_cats for a partial run)")
     args = ap.parse_args()
     if args.markdown_only:
-        path = OUT / "activation_e2e.json"
+        path = OUT / f"{args.out}.json"
         doc = json.loads(path.read_text())
         md = markdown(doc)
         path.write_text(json.dumps(doc, indent=1))
-        (OUT / "activation_e2e.md").write_text(md)
+        (OUT / f"{args.out}.md").write_text(md)
         return
     torch.set_num_threads(args.threads)
     tok = sparseforge.load_tokenizer(None)
     load_before = os.getloadavg()
     rows = []
-    path = OUT / "activation_e2e.json"
+    path = OUT / f"{args.out}.json"
     for label in args.models.split(","):
         if label == "random7b":
             rows += bench(f"random 7B-shaped, {args.layers} layers", random_7b(args.layers), tok, CalibrationConfig(samples=4, seq_len=128), True, args)
@@ -147,7 +153,7 @@ def main() -> None:
                "load_before": [round(v, 2) for v in load_before], "load_after": [round(v, 2) for v in os.getloadavg()], "rows": rows}
         OUT.mkdir(exist_ok=True)
         path.write_text(json.dumps(doc, indent=1))
-        (OUT / "activation_e2e.md").write_text(markdown(doc))
+        (OUT / f"{args.out}.md").write_text(markdown(doc))
     print(f"wrote {path}")
 
 
