@@ -24,14 +24,14 @@ from sparseforge.methods.activations.base import ActivationMethod, ActivationSpa
 from sparseforge.methods.activations.common_params import RuntimeParams
 from sparseforge.methods.base import RuntimeState, param, register
 
+log = logging.getLogger(__name__)
+
 
 @dataclasses.dataclass
 class CatsParams(RuntimeParams):
     sparsity: float = param(0.5, "fraction of each MLP's activation outputs zeroed (on average), skipped by the down projection")
     sparse_up: bool = param(True, "on gated MLPs also compute only the active rows of the up projection (fused with the down product, "
                                   "CPU), where the speed gate measured that faster")
-
-log = logging.getLogger(__name__)
 
 
 class ThresholdedActivation(nn.Module):
@@ -185,7 +185,7 @@ class Cats(ActivationMethod):
         plan = {down: {"threshold": torch.zeros(downs[down].in_features), "sparsity": s, "site": act} for down, (act, _) in acts.items()
                 if act in thresholds}
         state = self.state_from_plan(model, plan, downs, extra=({}, {"activations": thresholds}))
-        fusable = {d: v for d, v in gated_layouts(model, plan).items()} if self.params.sparse_up else {}
+        fusable = gated_layouts(model, plan) if self.params.sparse_up else {}
         w = next(iter(downs.values())).weight
         if fusable and ak.cpu_extras_supported(ak.get_activation_kernel(self.params.kernel), w.device, w.dtype):
             shapes = {(downs[d].in_features, downs[d].out_features) for d in fusable}
