@@ -80,13 +80,16 @@ def bench(label, model, tok, cal, uniform, args) -> list[dict]:
             stages[f"{method}-{round(s * 100)}"] = calibrated(model, tok, method, s, cal, uniform)
             print(f"{label}: calibrated {method}-{round(s * 100)} in {time.perf_counter() - t0:.1f} s", flush=True)
     rates = {k: [] for k in stages}
-    kernel_share = {}
+    kernel_share, mlp_share = {}, {}
     for round_ in range(args.rounds + 1):
         for name, st in stages.items():
             if st is not None:
                 sparseforge.attach_runtime(model, [st])
                 mods = [m for m in model.modules() if isinstance(m, ActivationSparseLinear)]
                 kernel_share[name] = sum(m.uses_kernel(1) for m in mods) / max(len(mods), 1)
+                fused = [m for m in mods if m.mlp_fused]  # CATS: down projections whose MLP may take the fused up+down path
+                if fused:
+                    mlp_share[name] = sum(m.decision(1, "mlp") == "sparse" for m in fused) / len(fused)
                 timed_generate(model, prompt, 2)  # warm-up: builds the input-major weights
             r = decode_rate(model, prompt, args.new_tokens)
             if st is not None:
@@ -96,8 +99,13 @@ def bench(label, model, tok, cal, uniform, args) -> list[dict]:
             print(f"{label} round {round_} {name}: {r:.3f} tok/s", flush=True)
     dense = statistics.median(rates["dense"])
     return [{"model": label, "recipe": name, "decode_tok_s": statistics.median(v), "speedup": statistics.median(v) / dense,
-             "rounds": v, "kernel_share": kernel_share.get(name, 0.0),
+             "rounds": v, "kernel_share": kernel_share.get(name, 0.0), "mlp_fused_share": mlp_share.get(name),
              "target": stages[name].state.data["target_sparsity"] if stages[name] else 0.0} for name, v in rates.items()]
+
+
+def fused_note(r: dict) -> str:
+    share = r.get("mlp_fused_share")
+    return "" if share is None else f" (fused MLP {share:.2f})"
 
 
 def markdown(doc) -> str:
@@ -117,7 +125,8 @@ def markdown(doc) -> str:
         r["speedup_per_round"] = ratios
         r["speedup_median_ratio"] = statistics.median(ratios)
         lines.append(f"| {r['model']} | {r['recipe']} | {r['decode_tok_s']:.3f} | {r['speedup_median_ratio']:.2f} | "
-                     f"{', '.join(f'{v:.2f}' for v in ratios)} | {r['kernel_share']:.2f} | {', '.join(f'{v:.3f}' for v in r['rounds'])} |")
+                     f"{', '.join(f'{v:.2f}' for v in ratios)} | {r['kernel_share']:.2f}"
+                     f"{fused_note(r)} | {', '.join(f'{v:.3f}' for v in r['rounds'])} |")
     return "\n".join(lines) + "\n"
 
 
