@@ -16,8 +16,13 @@ x_j * wt[j, :] for the kept channels only.
   (no bfloat16, no ATen thread pool, another heavy dependency) nor Inductor (no dynamic row skipping) expresses
   well, while 60 lines of C++ reach the memory floor. With no compiler, `available()` is False, the reference
   path runs and one warning says so.
-- `ActivationGate` keys timings by shape, dtype, token count and density bucket, measured on this machine; the
-  sparse path runs only where it measured faster than the dense product.
+- `row_skip_int8_product` skips rows of issue 11's int8 per-channel codes (`Int8Rows`: input-major, scale applied
+  once at the end); `gated_mlp_product` is CATS's gated MLP with the up product's rows gathered and the down
+  product's rows skipped, one call. Both C++ only, each with its reference (`reference_int8_product`,
+  `reference_gated_mlp`).
+- `ActivationGate` keys timings by shape, dtype, token count and density bucket, measured on this machine; a call
+  takes the fastest measured path (sparse, or int8 dense / down-only where those were timed) that beat the dense
+  product, else dense. The CUDA kernel is `activation_sparse_triton.py`, registered here as `triton`.
 """
 from __future__ import annotations
 
