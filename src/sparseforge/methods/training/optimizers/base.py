@@ -1,0 +1,237 @@
+"""The optimizer registry: one small spec class per optimizer (name, `Params` dataclass with help text, what it
+supports) that builds a `torch.optim.Optimizer`. First-order optimizers are plain torch optimizers, so a Hugging
+Face `Trainer(optimizers=(opt, None))` can drive them; a zeroth-order one (`opt.zeroth_order`) needs
+`step(closure)` and calls the closure (forward only, returns the loss) itself.
+
+Optimizer state goes to safetensors + JSON, never pickle: `optimizer_state_tensors(opt)` flattens
+`opt.state_dict()` into named tensors and a JSON dict, `load_optimizer_state` puts it back exactly.
+
+Masks: every optimizer re-applies the pruning masks it finds on the model after each step, so pruned positions
+stay exactly zero whatever the update direction (GaLore's back-projected update and MeZO's perturbations are
+dense, AdamW's are not)."""
+from __future__ import annotations
+
+import dataclasses
+import typing
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from sparseforge.errors import UserInputError
+from sparseforge.methods.base import _coerce, _type_name, param, resolve_choices  # noqa: F401  (param re-exported)
+
+OPTIMIZERS: dict[str, type["OptimizerSpec"]] = {}
+
+
+class OptimizerSpec:
+    """One registered optimizer. Subclasses set `name`, `summary`, `Params`, the capability flags, and `build`."""
+
+    name: ClassVar[str]
+    summary: ClassVar[str] = ""
+    Params: ClassVar[type]
+    zeroth_order: ClassVar[bool] = False
+    fsdp: ClassVar[bool] = False  # tested under FSDP2 (`fully_shard`) in tests/test_training_fsdp.py
+    implementation: ClassVar[str] = "sparseforge"  # which library does the work (docs/methods/training_optimizers.md says why)
+
+    @classmethod
+    def validate(cls, params) -> None:
+        """Check values together; raise UserInputError with one line."""
+
+    @classmethod
+    def build(cls, model: nn.Module, params, trainable: list[nn.Parameter]) -> torch.optim.Optimizer:
+        raise NotImplementedError
+
+    @classmethod
+    def parse_params(cls, raw: dict[str, Any] | Any) -> Any:
+        if dataclasses.is_dataclass(raw) and not isinstance(raw, type):
+            if not isinstance(raw, cls.Params):
+                raise UserInputError(f"optimizer '{cls.name}' got parameters of type {type(raw).__name__}")
+            cls.validate(raw)
+            return raw
+        fields = {f.name: f for f in dataclasses.fields(cls.Params)}
+        hints = typing.get_type_hints(cls.Params)
+        clean = {}
+        for key, value in (raw or {}).items():
+            if key not in fields:
+                raise UserInputError(f"unknown parameter '{key}' for optimizer '{cls.name}'; allowed: {', '.join(fields) or 'none'}")
+            choices = resolve_choices(fields[key].metadata.get("choices"))
+            clean[key] = _coerce(value, hints[key], f"parameter '{key}' of optimizer '{cls.name}'", choices)
+        params = cls.Params(**clean)
+        cls.validate(params)
+        return params
+
+    @classmethod
+    def describe(cls) -> list[dict[str, Any]]:
+        hints = typing.get_type_hints(cls.Params)
+        rows = []
+        for f in dataclasses.fields(cls.Params):
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            rows.append({"name": f.name, "type": _type_name(hints[f.name]), "default": default, "help": f.metadata.get("help", "")})
+        return rows
+
+
+def register_optimizer(cls: type[OptimizerSpec]) -> type[OptimizerSpec]:
+    if cls.name in OPTIMIZERS and OPTIMIZERS[cls.name] is not cls:
+        raise ValueError(f"optimizer name '{cls.name}' registered twice")
+    OPTIMIZERS[cls.name] = cls
+    return cls
+
+
+def get_optimizer(name: str) -> type[OptimizerSpec]:
+    if name not in OPTIMIZERS:
+        raise UserInputError(f"unknown optimizer '{name}'; registered optimizers: {', '.join(sorted(OPTIMIZERS))}")
+    return OPTIMIZERS[name]
+
+
+# -- shared checks ---------------------------------------------------------------------------------------------
+
+def check_positive(value: float, what: str, opt: str, allow_zero: bool = False) -> None:
+    ok = value >= 0 if allow_zero else value > 0
+    if not ok or value != value:
+        raise UserInputError(f"optimizer '{opt}': {what} must be {'>= 0' if allow_zero else '> 0'}, got {value}")
+
+
+def check_beta(value: float, what: str, opt: str) -> None:
+    if not 0.0 <= value < 1.0:
+        raise UserInputError(f"optimizer '{opt}': {what} must be in [0, 1), got {value}")
+
+
+def check_adam(p, opt: str) -> None:
+    check_positive(p.lr, "lr", opt)
+    check_beta(p.beta1, "beta1", opt)
+    check_beta(p.beta2, "beta2", opt)
+    check_positive(p.eps, "eps", opt)
+    check_positive(p.weight_decay, "weight_decay", opt, allow_zero=True)
+
+
+# -- masks -----------------------------------------------------------------------------------------------------
+
+def parameter_masks(model: nn.Module, trainable: list[nn.Parameter]) -> dict[nn.Parameter, torch.Tensor]:
+    """The pruning mask (True = kept) of each trainable parameter that has one, from the masks attached to the
+    model (core/sparsity_masks.py). Empty where the model carries none."""
+    try:
+        from sparseforge.core.sparsity_masks import masks_from_model
+    except ImportError:  # the masks module is not there yet: nothing to keep
+        return {}
+    masks = masks_from_model(model) or {}
+    wanted = {id(p) for p in trainable}
+    found: dict[nn.Parameter, torch.Tensor] = {}
+    named = dict(model.named_parameters())
+    for name, mask in masks.items():
+        for key in (name, f"{name}.weight"):
+            p = named.get(key)
+            if p is not None and id(p) in wanted:
+                found[p] = mask.to(torch.bool)
+                break
+    return found
+
+
+class SparseforgeOptimizer:
+    """Mixin of every optimizer built here: its registry name, whether it is zeroth-order, and mask keeping."""
+
+    optimizer_name: str = ""
+    zeroth_order: bool = False
+    _masks: dict = {}
+
+    def _setup_masks(self, masks: dict[nn.Parameter, torch.Tensor] | None) -> None:
+        self._masks = dict(masks or {})
+
+    @torch.no_grad()
+    def reapply_masks(self) -> None:
+        for p, mask in self._masks.items():
+            local = _local(p)
+            m = _local_mask(p, mask)
+            local.mul_(m.to(local.dtype))
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """The part of a (possibly FSDP-sharded DTensor) parameter that this process holds."""
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
+def _local_mask(p: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """The slice of a full-size mask that matches this process's shard of `p` (FSDP2 shards dim 0)."""
+    if not hasattr(p, "to_local"):
+        return mask
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    if isinstance(mask, DTensor):
+        return mask.to_local()
+    return distribute_tensor(mask.to(p.device), p.device_mesh, p.placements).to_local()
+
+
+# -- state to and from safetensors + JSON ------------------------------------------------------------------------
+
+def optimizer_state_tensors(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
+    """`opt.state_dict()` as named tensors (for safetensors) and a JSON-safe dict (everything else)."""
+    if hasattr(opt, "state_to_tensors"):
+        return opt.state_to_tensors()
+    sd = opt.state_dict()
+    tensors: dict[str, torch.Tensor] = {}
+    plain: dict[str, dict] = {}
+    for idx, entry in sd["state"].items():
+        plain[str(idx)] = {}
+        for key, value in entry.items():
+            if torch.is_tensor(value):
+                if hasattr(value, "to_local"):  # an FSDP shard: save what this rank holds
+                    value = value.to_local()
+                tensors[f"state.{idx}.{key}"] = value.detach().to("cpu").clone().contiguous()
+            else:
+                plain[str(idx)][key] = _jsonable(value)
+    data = {"optimizer": getattr(opt, "optimizer_name", type(opt).__name__), "param_groups": _jsonable(sd["param_groups"]),
+            "state": plain}
+    return tensors, data
+
+
+def load_optimizer_state(opt: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], data: dict) -> None:
+    """Restore what `optimizer_state_tensors` wrote, onto an optimizer built the same way."""
+    name = getattr(opt, "optimizer_name", type(opt).__name__)
+    if data.get("optimizer") != name:
+        raise UserInputError(f"optimizer state was saved by '{data.get('optimizer')}', not '{name}'")
+    if hasattr(opt, "state_from_tensors"):
+        opt.state_from_tensors(tensors, data)
+        return
+    state: dict[int, dict] = {int(i): dict(entry) for i, entry in data["state"].items()}
+    for key, value in tensors.items():
+        _, idx, field = key.split(".", 2)
+        state.setdefault(int(idx), {})[field] = value
+    groups = [dict(g) for g in data["param_groups"]]
+    for g in groups:
+        for k, v in list(g.items()):
+            if isinstance(v, list) and k != "params":
+                g[k] = tuple(v)  # betas and the like were tuples before JSON
+    opt.load_state_dict({"state": state, "param_groups": groups})
+    _restore_local_shards(opt)
+
+
+def _restore_local_shards(opt) -> None:
+    """Under FSDP the saved state holds each rank's shard; put it back into DTensors shaped like the params."""
+    from_local = None
+    for group in opt.param_groups:
+        for p in group["params"]:
+            if not hasattr(p, "to_local"):
+                continue
+            if from_local is None:
+                from torch.distributed.tensor import DTensor as from_local  # noqa: N813
+            for k, v in opt.state.get(p, {}).items():
+                if torch.is_tensor(v) and not hasattr(v, "to_local") and v.shape == p.to_local().shape:
+                    opt.state[p][k] = from_local.from_local(v.to(p.device), p.device_mesh, p.placements, run_check=False)
+
+
+def state_bytes(opt: torch.optim.Optimizer) -> int:
+    """Exact bytes of the optimizer's state tensors (this process's share under FSDP)."""
+    tensors, _ = optimizer_state_tensors(opt)
+    return sum(t.numel() * t.element_size() for t in tensors.values())
+
+
+def _jsonable(value):
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, (bool, int, float, str)) or value is None:
+        return value
+    if torch.is_tensor(value) and value.numel() == 1:
+        return value.item()
+    raise TypeError(f"optimizer state value of type {type(value).__name__} is not JSON")
