@@ -141,9 +141,16 @@ class MaskHandle:
         self._optimizer_hooks: list = []
 
     def _install(self) -> None:
+        self._hooked: set[int] = set()
+        self.refresh()
+
+    def refresh(self) -> None:
+        """Hook the masked parameters that require a gradient now (call again after unfreezing some): a hook
+        can only sit on a tensor that requires grad."""
         for _, p, keep in self.pairs:
-            if p.requires_grad:
+            if p.requires_grad and id(p) not in self._hooked:
                 self._hooks.append(p.register_hook(_grad_masker(keep)))
+                self._hooked.add(id(p))
 
     def mask_for(self, param: nn.Parameter) -> torch.Tensor | None:
         """The keep-mask of `param` (on its device), or None when it has none: what optimizers that perturb or
@@ -166,7 +173,7 @@ class MaskHandle:
     def remove(self) -> None:
         for h in self._hooks + self._optimizer_hooks:
             h.remove()
-        self._hooks, self._optimizer_hooks = [], []
+        self._hooks, self._optimizer_hooks, self._hooked = [], [], set()
         if getattr(self.model, MASKS_ATTR, None) is self:
             delattr(self.model, MASKS_ATTR)
 
