@@ -13,7 +13,7 @@ from torch import nn
 from sparseforge.errors import UserInputError
 from sparseforge.methods.training.optimizers.base import (OPTIMIZERS, OptimizerSpec, get_optimizer, load_optimizer_state,
                                                           optimizer_state_tensors, register_optimizer, state_bytes)
-from sparseforge.methods.training.optimizers import adamw  # noqa: F401  (registers)
+from sparseforge.methods.training.optimizers import adamw, adamw8bit, apollo, galore, mezo, sparse_mezo  # noqa: F401  (registers)
 
 
 def optimizer_names() -> list[str]:

@@ -138,49 +138,75 @@ class SparseforgeOptimizer:
         self._masks = dict(masks or {})
 
     @torch.no_grad()
-    def reapply_masks(self) -> None:
+    def reapply_masks(self, only: torch.Tensor | None = None) -> None:
         for p, mask in self._masks.items():
-            local = _local(p)
-            m = _local_mask(p, mask)
-            local.mul_(m.to(local.dtype))
+            if only is not None and p is not only:
+                continue
+            local = local_tensor(p)
+            local.mul_(local_rows(mask, p).to(local.device, local.dtype))
 
 
-def _local(t: torch.Tensor) -> torch.Tensor:
-    """The part of a (possibly FSDP-sharded DTensor) parameter that this process holds."""
-    return t.to_local() if hasattr(t, "to_local") else t
+# -- FSDP2: parameters are DTensors sharded on dim 0 -------------------------------------------------------------
+
+def is_sharded(t) -> bool:
+    return hasattr(t, "to_local") and hasattr(t, "device_mesh")
 
 
-def _local_mask(p: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """The slice of a full-size mask that matches this process's shard of `p` (FSDP2 shards dim 0)."""
-    if not hasattr(p, "to_local"):
-        return mask
-    from torch.distributed.tensor import DTensor, distribute_tensor
+def local_tensor(t: torch.Tensor) -> torch.Tensor:
+    """The part of a (possibly FSDP-sharded DTensor) tensor that this process holds."""
+    return t.to_local() if is_sharded(t) else t
 
-    if isinstance(mask, DTensor):
-        return mask.to_local()
-    return distribute_tensor(mask.to(p.device), p.device_mesh, p.placements).to_local()
+
+def full_tensor(t: torch.Tensor) -> torch.Tensor:
+    """The whole tensor: gathered from every rank where it is sharded (a collective: every rank must call it)."""
+    return t.full_tensor() if is_sharded(t) else t
+
+
+def local_rows(full: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+    """The rows of a full-size tensor that this rank's shard of `p` holds: FSDP2 splits dim 0 like
+    `torch.chunk` (ceil-sized pieces, the last ones shorter or empty)."""
+    if not is_sharded(p):
+        return full
+    from torch.distributed.tensor import Shard
+
+    if tuple(p.placements) != (Shard(0),):
+        raise UserInputError(f"this optimizer supports FSDP sharding on dim 0 only, got placements {p.placements}")
+    world = p.device_mesh.size()
+    rank = p.device_mesh.get_local_rank()
+    chunk = -(-full.shape[0] // world)
+    start = min(rank * chunk, full.shape[0])
+    return full[start:start + local_tensor(p).shape[0]]
 
 
 # -- state to and from safetensors + JSON ------------------------------------------------------------------------
 
 def optimizer_state_tensors(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
-    """`opt.state_dict()` as named tensors (for safetensors) and a JSON-safe dict (everything else)."""
-    if hasattr(opt, "state_to_tensors"):
-        return opt.state_to_tensors()
+    """`opt.state_dict()` as named tensors (for safetensors) and a JSON-safe dict (everything else). Under FSDP
+    each rank writes its own shard (the entries listed in `data["sharded"]`)."""
     sd = opt.state_dict()
     tensors: dict[str, torch.Tensor] = {}
     plain: dict[str, dict] = {}
+    sharded: list[str] = []
     for idx, entry in sd["state"].items():
         plain[str(idx)] = {}
         for key, value in entry.items():
             if torch.is_tensor(value):
-                if hasattr(value, "to_local"):  # an FSDP shard: save what this rank holds
+                if is_sharded(value):
                     value = value.to_local()
+                    sharded.append(f"state.{idx}.{key}")
+                flat = opt.flatten_state_tensor(value) if hasattr(opt, "flatten_state_tensor") else None
+                if flat is not None:  # a tensor subclass (torchao's 8-bit state) goes in plain parts
+                    parts, meta = flat
+                    for part, t in parts.items():
+                        tensors[f"state.{idx}.{key}.{part}"] = t.detach().to("cpu").clone().contiguous()
+                    if meta is not None:
+                        plain[str(idx)].setdefault("__parts__", {})[key] = meta
+                    continue
                 tensors[f"state.{idx}.{key}"] = value.detach().to("cpu").clone().contiguous()
             else:
                 plain[str(idx)][key] = _jsonable(value)
     data = {"optimizer": getattr(opt, "optimizer_name", type(opt).__name__), "param_groups": _jsonable(sd["param_groups"]),
-            "state": plain}
+            "state": plain, "sharded": sharded}
     return tensors, data
 
 
@@ -189,34 +215,49 @@ def load_optimizer_state(opt: torch.optim.Optimizer, tensors: dict[str, torch.Te
     name = getattr(opt, "optimizer_name", type(opt).__name__)
     if data.get("optimizer") != name:
         raise UserInputError(f"optimizer state was saved by '{data.get('optimizer')}', not '{name}'")
-    if hasattr(opt, "state_from_tensors"):
-        opt.state_from_tensors(tensors, data)
-        return
-    state: dict[int, dict] = {int(i): dict(entry) for i, entry in data["state"].items()}
+    def key_of(i: str):  # parameter indices were ints; an optimizer's own entries (MeZO's counters) keep names
+        return int(i) if i.isdigit() else i
+
+    state: dict = {key_of(i): dict(entry) for i, entry in data["state"].items()}
+    parts: dict[tuple, dict[str, torch.Tensor]] = {}
     for key, value in tensors.items():
         _, idx, field = key.split(".", 2)
-        state.setdefault(int(idx), {})[field] = value
+        if "." in field:  # one part of a flattened tensor subclass
+            base_field, part = field.split(".", 1)
+            parts.setdefault((key_of(idx), base_field), {})[part] = value
+        else:
+            state.setdefault(key_of(idx), {})[field] = value
+    for (idx, field), pieces in parts.items():
+        state[idx][field] = opt.unflatten_state_tensor(pieces, state[idx].get("__parts__", {}).get(field))
+    for entry in state.values():
+        entry.pop("__parts__", None)
     groups = [dict(g) for g in data["param_groups"]]
     for g in groups:
         for k, v in list(g.items()):
             if isinstance(v, list) and k != "params":
                 g[k] = tuple(v)  # betas and the like were tuples before JSON
+    if hasattr(opt, "prepare_groups"):
+        groups = opt.prepare_groups(groups)
+    sharded = set(data.get("sharded", []))
     opt.load_state_dict({"state": state, "param_groups": groups})
-    _restore_local_shards(opt)
+    _restore_local_shards(opt, sharded)
 
 
-def _restore_local_shards(opt) -> None:
-    """Under FSDP the saved state holds each rank's shard; put it back into DTensors shaped like the params."""
-    from_local = None
+def _restore_local_shards(opt, sharded: set[str]) -> None:
+    """Under FSDP the saved state holds each rank's shard of the entries listed as sharded; make those DTensors
+    placed like their parameter again (low-rank and replicated entries stay plain tensors)."""
+    if not sharded:
+        return
+    from torch.distributed.tensor import DTensor
+
+    index = 0
     for group in opt.param_groups:
         for p in group["params"]:
-            if not hasattr(p, "to_local"):
-                continue
-            if from_local is None:
-                from torch.distributed.tensor import DTensor as from_local  # noqa: N813
             for k, v in opt.state.get(p, {}).items():
-                if torch.is_tensor(v) and not hasattr(v, "to_local") and v.shape == p.to_local().shape:
-                    opt.state[p][k] = from_local.from_local(v.to(p.device), p.device_mesh, p.placements, run_check=False)
+                if f"state.{index}.{k}" in sharded and not is_sharded(v):
+                    opt.state[p][k] = DTensor.from_local(v.to(local_tensor(p).device), p.device_mesh, p.placements,
+                                                         run_check=False, shape=p.shape, stride=p.stride())
+            index += 1
 
 
 def state_bytes(opt: torch.optim.Optimizer) -> int:
