@@ -39,9 +39,14 @@ MASKS_ATTR = "sparseforge_masks"
 
 
 def masks_from_model(model: nn.Module, targets: Iterable[str] = ("*",), ignore: Iterable[str] = ()) -> dict[str, torch.Tensor]:
-    """A keep-mask (bool, the parameter's own layout) for every targeted projection weight that has zeros, keyed
-    by the parameter's name in `model.named_parameters()`. Dense weights get no mask (nothing to keep zero)."""
+    """The keep-masks (bool, the parameter's own layout) the model carries, keyed by the parameter's name in
+    `model.named_parameters()`: those attached by `attach_masks` when there are (the truth while training: a kept
+    weight that happens to reach zero, or a LoRA B matrix that starts at zero, is not pruned), else one for every
+    targeted projection weight that has zeros. Dense weights get no mask (nothing to keep zero)."""
     names = {id(p): n for n, p in model.named_parameters(remove_duplicate=False)}
+    handle = masks_of(model)
+    if handle is not None:
+        return {names[id(p)]: keep for _, p, keep in handle.pairs if id(p) in names}
     masks = {}
     for proj in ModelAdapter(model).select(targets, ignore).values():
         p = proj.parameter

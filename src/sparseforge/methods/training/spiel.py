@@ -106,13 +106,14 @@ class Spiel(RecoveryMethod):
             d.accumulated = None
         self._updates += 1
 
+    @torch.no_grad()
     def _swap(self, name: str, d: SparseDelta, n: int, optimizer) -> None:
         # Drop the n smallest |delta| (stable: ties go by slot), then grow at the n largest accumulated |gradient|
-        # among allowed positions not already held.
+        # among allowed positions held neither now nor just before (growing back a just-dropped position would only
+        # reset its delta to 0).
         slots = torch.argsort(d.delta.abs(), stable=True)[:n]
         held = torch.zeros_like(self._allowed[name])
         held[d.index] = True
-        held[d.index[slots]] = False  # dropped positions may be grown again, as in SpIEL
         score = d.accumulated.abs().masked_fill(~self._allowed[name] | held, -1.0)
         grown = torch.argsort(score, descending=True, stable=True)[:n]
         grown = grown[score[grown] >= 0]  # fewer allowed positions than n: keep the rest

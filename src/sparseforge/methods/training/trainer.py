@@ -122,7 +122,7 @@ def train(method, model: nn.Module, tokenizer, targets=("*",), ignore=(), progre
     run = run or RunOptions()
     p = method.params
     targets, ignore = list(targets), list(ignore)
-    data = TokenWindows(tokenizer(training_text(p.data), add_special_tokens=False)["input_ids"], p.seq_len, p.seed)
+    data = TokenWindows(tokenizer(training_text(p.data), add_special_tokens=False, verbose=False)["input_ids"], p.seq_len, p.seed)
     masks = masks_from_model(model)  # every pruned weight, targeted by this stage or not: all must stay pruned
     before = mask_sparsity(masks)
     handle = attach_masks(model, masks)
