@@ -37,6 +37,9 @@ def _make(base):
             self._setup_masks(masks)
 
         def step(self, closure=None):
+            for group in self.param_groups:  # schedulers (ours, Hugging Face's) write a float; torchao wants a tensor
+                if not torch.is_tensor(group["lr"]):
+                    group["lr"] = torch.tensor(float(group["lr"]))
             loss = base.step(self, closure)
             self.reapply_masks()
             return loss

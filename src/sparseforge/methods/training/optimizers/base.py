@@ -108,23 +108,29 @@ def check_adam(p, opt: str) -> None:
 # -- masks -----------------------------------------------------------------------------------------------------
 
 def parameter_masks(model: nn.Module, trainable: list[nn.Parameter]) -> dict[nn.Parameter, torch.Tensor]:
-    """The pruning mask (True = kept) of each trainable parameter that has one, from the masks attached to the
-    model (core/sparsity_masks.py). Empty where the model carries none."""
+    """The keep-mask (True = may be nonzero) of each trainable parameter that has pruned zeros, from
+    core.sparsity_masks (the same masks the trainer attaches). Empty for a dense model."""
+    from sparseforge.core.sparsity_masks import masks_from_model
+
     try:
-        from sparseforge.core.sparsity_masks import masks_from_model
-    except ImportError:  # the masks module is not there yet: nothing to keep
+        masks = masks_from_model(model)
+    except UserInputError:  # not a decoder LM (a bare module in a test or a custom loop): no pruned projections
         return {}
-    masks = masks_from_model(model) or {}
     wanted = {id(p) for p in trainable}
+    named = dict(model.named_parameters(remove_duplicate=False))
     found: dict[nn.Parameter, torch.Tensor] = {}
-    named = dict(model.named_parameters())
-    for name, mask in masks.items():
-        for key in (name, f"{name}.weight"):
-            p = named.get(key)
-            if p is not None and id(p) in wanted:
-                found[p] = mask.to(torch.bool)
-                break
+    for name, keep in masks.items():
+        p = named.get(name)
+        if p is not None and id(p) in wanted:
+            found[p] = keep.to(torch.bool)
     return found
+
+
+def local_mask(mask: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+    """`mask` as this rank's rows of `p`: masks of a sharded model may come full size or as the local shard."""
+    local = local_tensor(p)
+    m = mask if tuple(mask.shape) == tuple(local.shape) else local_rows(mask, p)
+    return m.to(local.device)
 
 
 class SparseforgeOptimizer:
@@ -143,7 +149,7 @@ class SparseforgeOptimizer:
             if only is not None and p is not only:
                 continue
             local = local_tensor(p)
-            local.mul_(local_rows(mask, p).to(local.device, local.dtype))
+            local.masked_fill_(~local_mask(mask, p), 0)
 
 
 # -- FSDP2: parameters are DTensors sharded on dim 0 -------------------------------------------------------------

@@ -49,12 +49,12 @@ class GaLoreAdamW(ProjectedAdam):
                     self._hooks.append(q.register_post_accumulate_grad_hook(self._hook))
 
     # -- the projection --------------------------------------------------------------------------------------
-    def _due(self, state) -> bool:
-        """Whether the coming step refreshes the projection (the first step always does)."""
-        return "proj" not in state or state.get("step", 0) % self.update_gap == 0
+    def _due(self, state, done: int) -> bool:
+        """Whether step `done + 1` refreshes the projection: steps 1, 1 + gap, 1 + 2 gap, ..."""
+        return "proj" not in state or done % self.update_gap == 0
 
     def project(self, p, state, g):
-        if self._due(state) and g is not None:
+        if self._due(state, state["step"] - 1):  # step_param has counted the step being taken
             # the top singular vectors of the smaller side: m >= n projects rows onto n x r, else columns
             u, _, vh = torch.linalg.svd(g, full_matrices=False)
             state["proj"] = (vh[: self.rank].T if g.shape[0] >= g.shape[1] else u[:, : self.rank]).contiguous()
@@ -75,14 +75,14 @@ class GaLoreAdamW(ProjectedAdam):
         state["micro"] = state.get("micro", 0) + 1
         last = state["micro"] == self.accumulation_steps
         group = self._group_of(q)
-        if self.is_projected(q) and not self._due(state):
-            low = self._down(state["proj"], q.grad.float())
+        if self.is_projected(q) and not self._due(state, state.get("step", 0)):
+            low = self._down(state["proj"], q.grad.float() if q.grad.element_size() < 4 else q.grad)
             state["low_grad"] = low if "low_grad" not in state else state["low_grad"].add_(low)
             q.grad = None  # the full gradient is not kept between micro-batches
             if last:
                 self.step_param(q, group, None, low=state.pop("low_grad"))
         elif last:
-            self.step_param(q, group, q.grad.float())
+            self.step_param(q, group, q.grad.float() if q.grad.element_size() < 4 else q.grad)
             q.grad = None
         if last:
             state["micro"] = 0

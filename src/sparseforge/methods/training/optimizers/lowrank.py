@@ -62,7 +62,7 @@ class ProjectedAdam(SparseforgeOptimizer, torch.optim.Optimizer):
                     continue
                 # elementwise Adam works on this rank's shard; a projection needs the whole matrix
                 g = full_tensor(p.grad) if self.is_projected(p) else local_tensor(p.grad)
-                self.step_param(p, group, g.float())
+                self.step_param(p, group, g.float() if g.element_size() < 4 else g)  # bf16/fp16 math in fp32
         return loss
 
     @torch.no_grad()
@@ -70,9 +70,7 @@ class ProjectedAdam(SparseforgeOptimizer, torch.optim.Optimizer):
         """One step of `p` from its gradient `g` (the whole matrix where projected, else this rank's shard), or
         from an already projected gradient `low`."""
         state = self.state[p]
-        if not state:
-            state["step"] = 0
-        state["step"] += 1
+        state["step"] = state.get("step", 0) + 1
         if self.is_projected(p):
             r = low if low is not None else self.project(p, state, g)
         else:

@@ -15,7 +15,7 @@ import torch
 
 from sparseforge.errors import UserInputError
 from sparseforge.methods.training.optimizers.base import (OptimizerSpec, SparseforgeOptimizer, check_positive, is_sharded,
-                                                          local_rows, local_tensor, param, parameter_masks,
+                                                          local_mask, local_rows, local_tensor, param, parameter_masks,
                                                           register_optimizer)
 
 
@@ -46,7 +46,7 @@ class MeZOOptimizer(SparseforgeOptimizer, torch.optim.Optimizer):
         z = local_rows(z, q)
         mask = self._masks.get(q)
         if mask is not None:
-            z = z * local_rows(mask, q).to(z.dtype)  # pruned positions are never perturbed
+            z = z * local_mask(mask, q).to(z.dtype)  # pruned positions are never perturbed
         keep = self._keep.get(index)
         if keep is not None:
             z = z * keep.to(z.dtype)

@@ -9,7 +9,7 @@ import dataclasses
 import torch
 
 from sparseforge.errors import UserInputError
-from sparseforge.methods.training.optimizers.base import local_rows, local_tensor, param, register_optimizer
+from sparseforge.methods.training.optimizers.base import is_sharded, local_tensor, param, register_optimizer
 from sparseforge.methods.training.optimizers.mezo import MeZO, MeZOOptimizer, MeZOParams
 
 
@@ -22,10 +22,7 @@ class SparseMeZOOptimizer(MeZOOptimizer):
     optimizer_name = "sparse-mezo"
 
     def select(self, q, index):
-        # the threshold comes from the whole tensor (gathered under FSDP) so every rank selects the same entries
-        from sparseforge.methods.training.optimizers.base import full_tensor
-
-        w = full_tensor(q.detach()).abs().float()
+        w = q.detach().abs().float()
         mask = self._masks.get(q)
         live = w[mask] if mask is not None else w.flatten()
         if live.numel() == 0:
@@ -35,7 +32,7 @@ class SparseMeZOOptimizer(MeZOOptimizer):
         keep = w <= threshold
         if mask is not None:
             keep &= mask.to(keep.device)
-        return local_rows(keep, q)
+        return keep
 
 
 @register_optimizer
@@ -44,6 +41,13 @@ class SparseMeZO(MeZO):
     summary = "Sparse MeZO: MeZO on the smallest-magnitude share of each weight only"
     Params = SparseMeZOParams
     optimizer_class = SparseMeZOOptimizer
+    fsdp = False  # its per-tensor magnitude threshold would need the whole weight on every rank
+
+    @classmethod
+    def build(cls, model, p, trainable):
+        if any(is_sharded(q) for q in trainable):
+            raise UserInputError("optimizer 'sparse-mezo' does not run under FSDP; use 'mezo'")
+        return super().build(model, p, trainable)
 
     @classmethod
     def validate(cls, p) -> None:
