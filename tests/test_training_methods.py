@@ -176,3 +176,20 @@ def test_lr_schedule():
     assert lr_factor(10, 100, 10, "cosine") == pytest.approx(1.0)
     assert lr_factor(99, 100, 10, "cosine") == pytest.approx(0.1)
     assert lr_factor(50, 100, 0, "constant") == 1.0
+
+
+def _optimizer_names():
+    from sparseforge.methods.training.optimizers import optimizer_names
+
+    # torchao's 8-bit AdamW spends about 50 s compiling on first use on this CPU: out of the default run.
+    return [pytest.param(n, marks=pytest.mark.slow) if n == "adamw-8bit" else n for n in optimizer_names()]
+
+
+@pytest.mark.parametrize("optimizer", _optimizer_names())
+def test_every_registered_optimizer_keeps_the_mask_through_the_trainer(tokenizer, optimizer):
+    """Dense-update optimizers (GaLore's back-projection, MeZO's perturbations) included: the trainer re-zeroes."""
+    model = _pruned_24()
+    before = model.model.layers[0].mlp.up_proj.weight.clone()
+    model, masks, result = _run("masked-finetune", tokenizer, model, optimizer=optimizer, steps=3, lr=1e-3)
+    assert result.optimizer == optimizer and result.mask_changed == 0 and check_masks(model, masks).ok
+    assert not torch.equal(model.model.layers[0].mlp.up_proj.weight, before)  # it did train
