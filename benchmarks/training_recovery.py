@@ -206,8 +206,9 @@ def markdown(doc) -> str:
             gap = row.get("gap_recovered")
             pattern = row["declared_pattern"]
             holds = "n/a (structured)" if not pattern["checked"] else ("yes" if not pattern["failed"] else f"no ({len(pattern['failed'])})")
+            sparsity = f"{row['sparsity_after']:.4f}" if block["sparsity_pruned"] else "n/a (smaller dense model)"
             lines.append(f"| {row['method']} | {row['trainable_params']} ({100 * row['trainable_share']:.2f}%) | {row['perplexity_after']:.3f} | "
-                         f"{'-' if gap is None else f'{100 * gap:.1f}%'} | {row['sparsity_after']:.4f} | {row['mask_changed']} | {holds} | {row['seconds']:.0f} |")
+                         f"{'-' if gap is None else f'{100 * gap:.1f}%'} | {sparsity} | {row['mask_changed']} | {holds} | {row['seconds']:.0f} |")
         for row in block["methods"]:
             if row.get("dense_merge_sparsity") is not None:
                 lines.append(f"\nLoRA: a plain (dense) PEFT merge of the same adapters would leave sparsity {row['dense_merge_sparsity']:.4f} "
@@ -234,7 +235,12 @@ def main(argv=None) -> int:
                         help="also train the dense model with perp and masked-finetune on the same tokens: how much of a 'recovery' is the "
                              "fine-tuning text itself improving the model")
     parser.add_argument("--name", default="training_recovery")
+    parser.add_argument("--report-only", action="store_true", help="rewrite the Markdown from the JSON, run nothing")
     args = parser.parse_args(argv)
+    if args.report_only:
+        doc = json.loads((RESULTS / f"{args.name}.json").read_text())
+        (RESULTS / f"{args.name}.md").write_text(markdown(doc))
+        return 0
     torch.set_num_threads(1)
     RESULTS.mkdir(exist_ok=True)
     doc = {"machine": machine(), "argv": "".join(f" {a}" for a in (argv if argv is not None else sys.argv[1:])),

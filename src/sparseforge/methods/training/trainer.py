@@ -18,6 +18,7 @@ import math
 import os
 import pathlib
 import shutil
+import sys
 import tempfile
 import time
 from typing import Any, Callable
@@ -263,7 +264,7 @@ def _save_checkpoint(run: RunOptions, step: int, work, method, optimizer, log: T
         m_tensors, m_data = method.state()
         save_file({**{f"method.{k}": v.detach().cpu().contiguous() for k, v in m_tensors.items()}, **_rng_tensors()}, str(tmp / "state.safetensors"))
         state = {"step": step, "fingerprint": run.fingerprint, "optimizer": opt_data, "method": m_data,
-                 "log": dataclasses.asdict(log)}
+                 "log": dataclasses.asdict(log), "threads": torch.get_num_threads()}
         # state.json last: its presence is what marks a checkpoint complete.
         (tmp / "state.json").write_text(json.dumps(state) + "\n", encoding="utf-8")
         final = directory / f"{CHECKPOINT_PREFIX}{step:06d}"
@@ -298,6 +299,10 @@ def _load_checkpoint(run: RunOptions, work, method, optimizer, log: TrainLog, lo
                              "resume with the same --model, --recipe, --data and --steps, or remove the checkpoints")
     for f in ("trainable.safetensors", "optimizer.safetensors", "state.safetensors"):
         check_safetensors(ckpt / f)
+    if state.get("threads") not in (None, torch.get_num_threads()):
+        # CPU kernels reduce in a thread-count-dependent order: the run goes on, but not bit for bit.
+        print(f"sparseforge: the checkpoint was written with {state['threads']} torch thread(s), this run uses {torch.get_num_threads()}; "
+              f"pass --threads {state['threads']} for a bit-identical resume", file=sys.stderr, flush=True)
     saved = load_file(str(ckpt / "trainable.safetensors"))
     params = _named_trainable(work)
     if set(saved) != set(params):
