@@ -141,6 +141,21 @@ def test_galore_step_is_low_rank_and_state_is_small(shape):
     assert state_bytes(opt) == 4 * (side * 4 + 2 * other * 4)  # projection + two r-wide moments, fp32
 
 
+def test_galore_randomized_svd_finds_the_top_subspace():
+    """On a matrix of exact rank 4 plus noise, the range finder's subspace is the SVD's (projectors agree)."""
+    torch.manual_seed(0)
+    g = torch.randn(60, 4) @ torch.randn(4, 30) * 10 + 1e-3 * torch.randn(60, 30)
+    w = torch.nn.Parameter(torch.zeros(60, 30))
+    found = {}
+    for how in ("exact", "randomized"):
+        opt = build_optimizer("galore", _Holder(w), {"rank": 4, "svd": how}, [w])
+        w.grad = g.clone()
+        opt.step()
+        proj = opt.state[w]["proj"]  # 30 x 4 (m >= n: right singular vectors)
+        found[how] = proj @ proj.T
+    assert torch.allclose(found["exact"], found["randomized"], atol=1e-4)
+
+
 def test_galore_layerwise_accumulation_matches_full_batch():
     """Layer-wise GaLore over 2 micro-batches (stepping inside backward) equals plain GaLore on the whole batch,
     across a projection refresh."""

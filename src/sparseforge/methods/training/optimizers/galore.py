@@ -30,6 +30,8 @@ class GaLoreParams:
     rank: int = param(16, "width of the gradient subspace per projected weight")
     update_gap: int = param(200, "steps between SVD refreshes of the projection")
     scale: float = param(0.25, "multiplies the projected-back update (GaLore's alpha)")
+    svd: str = param("exact", "how the refresh finds the subspace: exact SVD, or a seeded randomized range finder (2 power iterations; for large weights)", ("exact", "randomized"))
+    seed: int = param(0, "seed of the randomized range finder")
     targets: str = param("linears", "which 2-D weights are projected: linears (not embeddings or the head) or all", ("linears", "all"))
     layerwise: bool = param(False, "step each weight during backward and free its gradient at once (less memory)")
     accumulation_steps: int = param(1, "micro-batches per step in layer-wise mode (backward calls before a step)")
@@ -42,6 +44,8 @@ class GaLoreAdamW(ProjectedAdam):
         super().__init__(params, projected, masks, p.lr, (p.beta1, p.beta2), p.eps, p.weight_decay)
         self.rank, self.update_gap, self.scale = p.rank, p.update_gap, p.scale
         self.layerwise, self.accumulation_steps = p.layerwise, p.accumulation_steps
+        self.svd, self.seed = p.svd, p.seed
+        self._index = {id(q): i for i, q in enumerate(q for g in self.param_groups for q in g["params"])}
         self._hooks = []
         if self.layerwise:
             for group in self.param_groups:
@@ -56,9 +60,27 @@ class GaLoreAdamW(ProjectedAdam):
     def project(self, p, state, g):
         if self._due(state, state["step"] - 1):  # step_param has counted the step being taken
             # the top singular vectors of the smaller side: m >= n projects rows onto n x r, else columns
-            u, _, vh = torch.linalg.svd(g, full_matrices=False)
+            u, vh = self._top_singular(g, p, state["step"])
             state["proj"] = (vh[: self.rank].T if g.shape[0] >= g.shape[1] else u[:, : self.rank]).contiguous()
         return self._down(state["proj"], g)
+
+    def _top_singular(self, g, p, step):
+        """Left and right singular vectors of g (at least the top `rank`): exact, or a randomized range finder
+        (Halko et al.) seeded per weight and step, so every FSDP rank and every rerun finds the same subspace.
+        An exact SVD of a 4096 x 4096 matrix takes about 100 s on one busy CPU core; the range finder costs a few
+        matrix products of width rank + 8."""
+        if self.svd == "exact":
+            u, _, vh = torch.linalg.svd(g, full_matrices=False)
+            return u, vh
+        width = min(self.rank + 8, *g.shape)
+        gen = torch.Generator(device="cpu").manual_seed(self.seed * 1_000_003 + self._index[id(p)] * 7_919 + step)
+        omega = torch.randn(g.shape[1], width, generator=gen, dtype=g.dtype).to(g.device)
+        q, _ = torch.linalg.qr(g @ omega)
+        for _ in range(2):  # power iterations sharpen the subspace when the spectrum decays slowly
+            q, _ = torch.linalg.qr(g.T @ q)
+            q, _ = torch.linalg.qr(g @ q)
+        ub, _, vh = torch.linalg.svd(q.T @ g, full_matrices=False)
+        return q @ ub, vh
 
     @staticmethod
     def _down(proj, g):
