@@ -125,6 +125,7 @@ def test_sigkill_then_resume_gives_bit_identical_weights(tiny_llama_dir, tmp_pat
     (["--data", "/nonexistent/text.txt"], "neither a bundled split"),
     (["--data", "heldout"], "held-out"),
     (["--resume"], "no complete checkpoint"),
+    (["--device", "nonsense"], "is not a device"),
 ])
 def test_bad_finetune_input_is_one_line(tiny_llama_dir, tmp_path, capsys, extra, message):
     rc = _finetune("--model", tiny_llama_dir, "--recipe", _recipe(tmp_path, "perp"), "--out", tmp_path / "out", *extra)

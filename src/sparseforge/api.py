@@ -180,7 +180,7 @@ def checkpoint_dir_for(out: str | os.PathLike) -> "os.PathLike":
 
 def finetune(model=None, recipe: Recipe | str | None = None, out: str | os.PathLike | None = None, tokenizer=None, data: str | None = None,
              steps: int | None = None, resume: bool = False, eval_every: int = 0, save_every: int = 0, eval_tokens: int = 4096,
-             overwrite: bool = False, progress: bool = True, _stop_after: int | None = None) -> dict:
+             overwrite: bool = False, progress: bool = True, device: str | None = None, _stop_after: int | None = None) -> dict:
     """Run a recipe whose one training stage (`perp`, `masked-finetune`, `lora`, `spiel`) trains with checkpoints,
     evaluation and resume, and write the result to `out` atomically: the artifact (as `compress` + `save` would),
     `training_log.json` (loss, learning rate and tokens/s per step; held-out perplexity every `eval_every` steps)
@@ -240,7 +240,9 @@ def finetune(model=None, recipe: Recipe | str | None = None, out: str | os.PathL
     check_stage_order(recipe.stages)
     if model is None or isinstance(model, (str, os.PathLike)):
         tokenizer = tokenizer or load_tokenizer(model)
-        model = load_model(model)
+        model = load_model(model, device=device)
+    elif device:
+        model.to(device)
     if tokenizer is None:
         raise UserInputError("finetune needs the model's tokenizer")
     _check_targets(model, recipe)

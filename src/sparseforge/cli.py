@@ -136,11 +136,19 @@ def cmd_compress(args) -> int:
 
 def cmd_finetune(args) -> int:
     """Train a recipe's recovery stage with progress, evaluation and checkpoints; write the artifact, log and plot."""
+    import torch
+
     from sparseforge import api
 
+    try:
+        device = torch.device(args.device or "cpu")
+    except RuntimeError:
+        raise UserInputError(f"--device '{args.device}' is not a device; use e.g. cpu or cuda") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserInputError("--device cuda: no CUDA GPU is available here; use --device cpu")
     summary = api.finetune(args.model, args.recipe, args.out, data=args.data, steps=args.steps, resume=args.resume,
                            eval_every=args.eval_every, save_every=args.save_every, eval_tokens=args.eval_tokens,
-                           overwrite=args.overwrite, progress=not args.quiet)
+                           overwrite=args.overwrite, progress=not args.quiet, device=args.device)
     t = summary["training"]
     ppl = summary["final_perplexity"]
     _result(f"wrote {args.out}  ({t['method']}: {t['steps']} steps, {t['tokens']} tokens, loss {t['loss_first']:.3f} -> "
