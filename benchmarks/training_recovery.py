@@ -216,7 +216,7 @@ def markdown(doc) -> str:
     cost = doc.get("mask_cost")
     if cost:
         s = cost["seconds_per_step"]
-        lines.append(f"\n## What keeping the masks costs\n\nSeconds per training step ({cost['tokens_per_step']} tokens, forward + backward + "
+        lines.append(f"\n## What keeping the masks costs\n\n{('Run on: ' + cost['machine'] + '. ') if cost.get('machine') else ''}Seconds per training step ({cost['tokens_per_step']} tokens, forward + backward + "
                      f"AdamW) after wanda-50, medians of {cost['repeats']} alternating repeats after one warm-up: no masks {s['none']:.3f}, "
                      f"gradient hook + re-zeroing (what sparseforge uses) {s['hooks']:.3f} ({cost['hooks_vs_none']:.2f}x), parametrization "
                      f"(weight = original * mask each forward) {s['parametrize']:.3f} ({cost['parametrize_vs_none']:.2f}x).\n")
@@ -236,6 +236,7 @@ def main(argv=None) -> int:
                              "fine-tuning text itself improving the model")
     parser.add_argument("--name", default="training_recovery")
     parser.add_argument("--report-only", action="store_true", help="rewrite the Markdown from the JSON, run nothing")
+    parser.add_argument("--mask-cost-only", action="store_true", help="only the mask-cost table (after wanda-50); the rest of the JSON stays")
     args = parser.parse_args(argv)
     if args.report_only:
         doc = json.loads((RESULTS / f"{args.name}.json").read_text())
@@ -256,6 +257,12 @@ def main(argv=None) -> int:
             row = run_method(name, dense, tokenizer, args.steps, args.batch_size, args.seq_len, heldout)
             doc["dense_finetuned"][name] = {"perplexity_after": row["perplexity_after"], "seconds": row["seconds"]}
             print(f"dense + {name}: perplexity {row['perplexity_after']:.3f}", flush=True)
+    if args.mask_cost_only:
+        pruned, _ = sparseforge.compress(dense, "wanda-50", tokenizer, progress=False)
+        doc["mask_cost"] = mask_cost(pruned, tokenizer, args.mask_cost_repeats, args.batch_size, args.seq_len)
+        doc["mask_cost"]["machine"] = machine()
+        print(f"mask cost {doc['mask_cost']}", flush=True)
+        args.recipes = ""
     for recipe in [r for r in args.recipes.split(",") if r]:
         start = time.perf_counter()
         pruned, _ = sparseforge.compress(dense, recipe, tokenizer, progress=False)

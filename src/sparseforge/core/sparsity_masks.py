@@ -147,14 +147,16 @@ class MaskHandle:
 
     def _install(self) -> None:
         self._hooked: set[int] = set()
+        # The complement once, not on every step: `enforce` and the hooks run once per step per weight.
+        self._drop = [~keep for _, _, keep in self.pairs]
         self.refresh()
 
     def refresh(self) -> None:
         """Hook the masked parameters that require a gradient now (call again after unfreezing some): a hook
         can only sit on a tensor that requires grad."""
-        for _, p, keep in self.pairs:
+        for (_, p, _), drop in zip(self.pairs, self._drop):
             if p.requires_grad and id(p) not in self._hooked:
-                self._hooks.append(p.register_hook(_grad_masker(keep)))
+                self._hooks.append(p.register_hook(_grad_masker(drop)))
                 self._hooked.add(id(p))
 
     def mask_for(self, param: nn.Parameter) -> torch.Tensor | None:
@@ -168,8 +170,8 @@ class MaskHandle:
     @torch.no_grad()
     def enforce(self) -> None:
         """Write exact zeros at every pruned position (after an optimizer step, a perturbation or a merge)."""
-        for _, p, keep in self.pairs:
-            p.data.masked_fill_(~keep, 0)
+        for (_, p, _), drop in zip(self.pairs, self._drop):
+            p.data.masked_fill_(drop, 0)
 
     def hook_optimizer(self, optimizer) -> None:
         """Re-zero after every `optimizer.step()` (torch.optim.Optimizer's step post-hooks)."""
@@ -203,8 +205,8 @@ def attach_masks(model: nn.Module, masks: dict[str, torch.Tensor]) -> MaskHandle
             raise UserInputError(f"mask '{name}' has shape {tuple(keep.shape)}, the weight {tuple(p.shape)}; the masks belong to another model")
         pairs.append((name, p, keep))
     handle = MaskHandle(model, pairs, masks)
-    handle.enforce()
     handle._install()
+    handle.enforce()
     setattr(model, MASKS_ATTR, handle)
     return handle
 
@@ -236,9 +238,9 @@ def mask_sparsity(masks: dict[str, torch.Tensor]) -> float:
     return sum(int((~m).sum()) for m in masks.values()) / total if total else 0.0
 
 
-def _grad_masker(keep: torch.Tensor):
+def _grad_masker(drop: torch.Tensor):
     def hook(grad):
-        return grad.masked_fill(~_mask_like(keep, grad), 0)
+        return grad.masked_fill(drop if drop.device == grad.device else drop.to(grad.device), 0)
 
     return hook
 
