@@ -241,6 +241,7 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--seq", type=int, default=128)
     ap.add_argument("--layers-7b", type=int, default=2)
+    ap.add_argument("--only", nargs="*", help="rerun only these optimizers of part 'small', keeping the other runs")
     ap.add_argument("--cell")
     args = ap.parse_args()
     if args.cell:
@@ -255,8 +256,12 @@ def main() -> None:
     doc.update({"machine": env, "machine_line": machine_line(env)})
     doc.setdefault("load_average", {})["start_" + args.part] = [round(x, 2) for x in load]
     if args.part in ("small", "all"):
+        kept = {r["optimizer"]: r for r in doc.get("small", {}).get("runs", [])} if args.only else {}
         runs = []
         for name in ["inference", *CONFIGS]:
+            if args.only and name not in args.only and name in kept:
+                runs.append(kept[name])
+                continue
             spec = {"part": "small", "optimizer": name, "params": CONFIGS.get(name, {}), "steps": args.steps, "batch": args.batch,
                     "seq": args.seq}
             out = run_cell(sys.executable, pathlib.Path(__file__), spec, timeout=1200)
