@@ -43,6 +43,12 @@ CONFIGS = {
     "apollo": {"lr": LR, "rank": 32, "update_gap": 50, "targets": "all"},
     "mezo": {"lr": 1e-5, "eps": 1e-3},
 }
+# The papers' learning rates relative to AdamW's: GaLore and APOLLO pre-train at lr 0.01 where AdamW uses 0.001
+# (GaLore with scale 0.25, APOLLO with scale 1). Run beside the same-lr rows above, on the same data and steps.
+VARIANTS = {
+    "galore (lr 10x)": ("galore", dict(CONFIGS["galore"], lr=10 * LR)),
+    "apollo (lr 10x)": ("apollo", dict(CONFIGS["apollo"], lr=10 * LR)),
+}
 LLAMA2_7B = dict(hidden_size=4096, intermediate_size=11008, num_attention_heads=32, num_key_value_heads=32, vocab_size=32000,
                  num_hidden_layers=32, tie_word_embeddings=False)
 RANK_7B = 256
@@ -258,14 +264,15 @@ def main() -> None:
     if args.part in ("small", "all"):
         kept = {r["optimizer"]: r for r in doc.get("small", {}).get("runs", [])} if args.only else {}
         runs = []
-        for name in ["inference", *CONFIGS]:
+        plan = {"inference": ("inference", {}), **{n: (n, c) for n, c in CONFIGS.items()}, **VARIANTS}
+        for name, (optimizer, params) in plan.items():
             if args.only and name not in args.only and name in kept:
                 runs.append(kept[name])
                 continue
-            spec = {"part": "small", "optimizer": name, "params": CONFIGS.get(name, {}), "steps": args.steps, "batch": args.batch,
+            spec = {"part": "small", "optimizer": optimizer, "params": params, "steps": args.steps, "batch": args.batch,
                     "seq": args.seq}
             out = run_cell(sys.executable, pathlib.Path(__file__), spec, timeout=1200)
-            out.setdefault("optimizer", name)
+            out["optimizer"] = name  # the row's label (a variant names its optimizer in "params" and here)
             print(name, {k: v for k, v in out.items() if k != "losses"}, flush=True)
             runs.append(out)
         doc["small"] = {"steps": args.steps, "batch": args.batch, "seq": args.seq, "runs": runs}
