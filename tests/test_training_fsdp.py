@@ -149,4 +149,5 @@ def test_fsdp_two_processes_match_one(tmp_path):
 
 @pytest.mark.slow
 def test_fsdp_adamw_8bit(tmp_path):
+    pytest.importorskip("torchao")
     _check(["adamw-8bit"], tmp_path)

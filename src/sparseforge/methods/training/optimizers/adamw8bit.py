@@ -1,11 +1,13 @@
 """AdamW with 8-bit state: torchao's `AdamW8bit` (block-wise quantised moments, 256 values per block with one
 fp32 scale, a dynamic-tree code map; tensors under 4096 values keep fp32 state, as in bitsandbytes). torchao is
-maintained and composes with FSDP2 (its state is created per local shard). On CPU it runs through
+maintained and composes with FSDP2 (its state is created per local shard). An optional dependency
+(`pip install 'sparseforge[optim8bit]'`): the optimizer is registered only where torchao is installed. On CPU it runs through
 torch.compile: the first step in a fresh process compiles (about 30 s on 2 cores with an empty inductor cache,
 about 3 s with a warm one), later steps are fast."""
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 
 import torch
 
@@ -63,7 +65,9 @@ def _make(base):
     return TorchaoAdamW8bit
 
 
-@register_optimizer
+AVAILABLE = importlib.util.find_spec("torchao") is not None  # registered only where torchao is installed
+
+
 class AdamW8bit(OptimizerSpec):
     name = "adamw-8bit"
     summary = "AdamW with block-wise 8-bit moments (torchao.optim.AdamW8bit): about a quarter of AdamW's state"
@@ -82,3 +86,7 @@ class AdamW8bit(OptimizerSpec):
         opt_cls = _make(_torchao_class())
         return opt_cls(trainable, masks=parameter_masks(model, trainable), lr=p.lr, betas=(p.beta1, p.beta2), eps=p.eps,
                        weight_decay=p.weight_decay, block_size=p.block_size)
+
+
+if AVAILABLE:
+    register_optimizer(AdamW8bit)

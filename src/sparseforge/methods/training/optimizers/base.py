@@ -80,6 +80,8 @@ def register_optimizer(cls: type[OptimizerSpec]) -> type[OptimizerSpec]:
 
 def get_optimizer(name: str) -> type[OptimizerSpec]:
     if name not in OPTIMIZERS:
+        if name == "adamw-8bit":
+            raise UserInputError("optimizer 'adamw-8bit' needs torchao: pip install 'sparseforge[optim8bit]'")
         raise UserInputError(f"unknown optimizer '{name}'; registered optimizers: {', '.join(sorted(OPTIMIZERS))}")
     return OPTIMIZERS[name]
 
