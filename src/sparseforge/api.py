@@ -17,7 +17,7 @@ from sparseforge.methods import get_method
 from sparseforge.methods.base import AttachedStage, RuntimeContext, attach_stages, attached_stages, detach_stages
 from sparseforge.recipe import Recipe, check_stage_order, load_recipe
 
-__all__ = ["compress", "evaluate", "load", "load_tokenizer", "save", "results_document", "attach_runtime", "detach_runtime",
+__all__ = ["compress", "finetune", "evaluate", "load", "load_tokenizer", "save", "results_document", "attach_runtime", "detach_runtime",
            "runtime_stages", "attach_method"]
 
 
@@ -167,3 +167,123 @@ def evaluate(model, tokenizer, tasks: Iterable[str] | None = None, reference=Non
     recipe = (info.get("recipe") or {}).get("name")
     name = model_name or getattr(model, "sparseforge_source", None) or type(model).__name__
     return results_document(str(name), recipe, metrics)
+
+
+def checkpoint_dir_for(out: str | os.PathLike) -> "os.PathLike":
+    """Where `finetune` keeps the checkpoints of a run writing `out`: the sibling folder `OUT.checkpoints`
+    (the output itself appears only at the end, atomically)."""
+    import pathlib
+
+    out = pathlib.Path(out).expanduser()
+    return out.parent / f"{out.name}.checkpoints"
+
+
+def finetune(model=None, recipe: Recipe | str | None = None, out: str | os.PathLike | None = None, tokenizer=None, data: str | None = None,
+             steps: int | None = None, resume: bool = False, eval_every: int = 0, save_every: int = 0, eval_tokens: int = 4096,
+             overwrite: bool = False, progress: bool = True, device: str | None = None, _stop_after: int | None = None) -> dict:
+    """Run a recipe whose one training stage (`perp`, `masked-finetune`, `lora`, `spiel`) trains with checkpoints,
+    evaluation and resume, and write the result to `out` atomically: the artifact (as `compress` + `save` would),
+    `training_log.json` (loss, learning rate and tokens/s per step; held-out perplexity every `eval_every` steps)
+    and `loss_curve.png`. Stages before the training stage run first, as in `compress`; runtime stages after it
+    are calibrated on the trained model. `data` ("bundled" or a file) and `steps` override the training stage's.
+    Checkpoints go to `OUT.checkpoints` every `save_every` steps and are removed once `out` is written; `resume`
+    continues from the last one, bit-identically on CPU (same thread count). Returns the training report."""
+    import dataclasses
+    import pathlib
+
+    from sparseforge.core.sparsity_masks import check_declared_patterns
+    from sparseforge.data import read_text
+    from sparseforge.eval.perplexity import perplexity
+    from sparseforge.formats.artifact import atomic_directory, check_output_dir, resolve_model_path
+    from sparseforge.methods.training.trainer import RunOptions, log_document, train, write_loss_curve
+
+    if out is None:
+        raise UserInputError("finetune needs an output directory (--out)")
+    for flag, value in (("--eval-every", eval_every), ("--save-every", save_every)):
+        if value < 0:
+            raise UserInputError(f"{flag} must be 0 (never) or a positive number of steps, got {value}")
+    if eval_tokens < 2:
+        raise UserInputError(f"--eval-tokens must be at least 2, got {eval_tokens}")
+    if steps is not None and steps < 1:
+        raise UserInputError(f"--steps must be at least 1, got {steps}")
+    if not isinstance(recipe, Recipe):
+        recipe = load_recipe(recipe)
+    training = [i for i, s in enumerate(recipe.stages) if get_method(s.method).family == "training"]
+    if len(training) != 1:
+        raise UserInputError(f"recipe '{recipe.name}' has {len(training)} training stages; finetune needs exactly one "
+                             "(e.g. the preset recover-perp, or a pruning stage followed by one)")
+    at = training[0]
+    if any(get_method(s.method).lifetime == "transform" for s in recipe.stages[at + 1:]):
+        raise UserInputError(f"recipe '{recipe.name}' changes weights after its training stage; put the training stage last among the transforms")
+    stage = recipe.stages[at]
+    cls = get_method(stage.method)
+    changes = {}
+    if data is not None:
+        changes["data"] = "calibration" if data == "bundled" else str(data)
+    if steps is not None:
+        changes["steps"] = steps
+    if changes:
+        raw = {**dataclasses.asdict(stage.params), **changes}
+        stage.params = cls.parse_params(raw, "finetune")
+    from sparseforge.methods.training.trainer import training_text
+
+    training_text(stage.params.data)  # a missing or held-out file fails now, before any model is loaded
+    source = resolve_model_path(model) if model is None or isinstance(model, (str, os.PathLike)) else getattr(model, "sparseforge_source", None)
+    out = check_output_dir(out, overwrite, [("input model", source)])
+    ckpt = pathlib.Path(checkpoint_dir_for(out))
+    from sparseforge.methods.training.trainer import latest_checkpoint
+
+    if resume and latest_checkpoint(ckpt) is None:
+        raise UserInputError(f"--resume: no complete checkpoint in '{ckpt}'; run without --resume to start afresh")
+    if not resume and ckpt.exists() and any(ckpt.iterdir()):
+        raise UserInputError(f"'{ckpt}' holds checkpoints of an earlier run; pass --resume to continue it, or remove that folder")
+    check_stage_order(recipe.stages)
+    if model is None or isinstance(model, (str, os.PathLike)):
+        tokenizer = tokenizer or load_tokenizer(model)
+        model = load_model(model, device=device)
+    elif device:
+        model.to(device)
+    if tokenizer is None:
+        raise UserInputError("finetune needs the model's tokenizer")
+    _check_targets(model, recipe)
+    check_calibration_memory(model, recipe.calibration)
+    detach_stages(model)
+    previous = list((getattr(model, "sparseforge_info", None) or {}).get("stages", []))
+    heldout = read_text("heldout")
+
+    def evaluate_heldout(work) -> dict:
+        return {"perplexity": perplexity(work, tokenizer, heldout, max_tokens=eval_tokens)["perplexity"]}
+
+    fingerprint = {"model": str(source), "recipe": json.loads(json.dumps(recipe.to_dict())), "sparseforge": _version()}
+    run = RunOptions(checkpoint_dir=ckpt, save_every=save_every, eval_every=eval_every, evaluate=evaluate_heldout if eval_every else None,
+                     resume=resume, fingerprint=fingerprint, stop_after=_stop_after)
+    reports = []
+    result = None
+    for i, s in enumerate(recipe.stages):
+        if i != at:
+            reports.append(_run_stage(model, s, tokenizer, recipe.calibration, progress))
+            continue
+        start = time.perf_counter()
+        result = train(get_method(s.method)(s.params), model, tokenizer, s.targets, s.ignore, progress=progress, run=run)
+        fields = json.loads(json.dumps(result.to_json()))
+        reports.append({"method": fields.pop("method"), "family": cls.family, "lifetime": cls.lifetime, **fields,
+                        "seconds": round(time.perf_counter() - start, 3)})
+    model.sparseforge_info = {**(getattr(model, "sparseforge_info", None) or {}), "recipe": recipe.to_dict(), "stages": previous + reports}
+    patterns = check_declared_patterns(model)
+    summary = {"training": reports[at], "mask_report": result.mask_report.to_json(), "declared_patterns": patterns,
+               "final_perplexity": result.log.evals[-1]["perplexity"] if result.log.evals else None}
+    with atomic_directory(out, overwrite, [("input model", source)]) as tmp:
+        # The output is the artifact itself (sparseforge.load(out) works), with the log and the plot beside its files.
+        save(model, tmp, tokenizer, recipe=recipe, metrics={"training": summary}, overwrite=True, base_model=str(source) if source else None)
+        (tmp / "training_log.json").write_text(json.dumps(log_document(result.log, summary), indent=2) + "\n", encoding="utf-8")
+        write_loss_curve(result.log, tmp / "loss_curve.png", f"{recipe.name}: {stage.method}")
+    import shutil
+
+    shutil.rmtree(ckpt, ignore_errors=True)
+    return summary
+
+
+def _version() -> str:
+    import sparseforge
+
+    return sparseforge.__version__

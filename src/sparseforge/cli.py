@@ -134,6 +134,29 @@ def cmd_compress(args) -> int:
     return 0
 
 
+def cmd_finetune(args) -> int:
+    """Train a recipe's recovery stage with progress, evaluation and checkpoints; write the artifact, log and plot."""
+    import torch
+
+    from sparseforge import api
+
+    try:
+        device = torch.device(args.device or "cpu")
+    except RuntimeError:
+        raise UserInputError(f"--device '{args.device}' is not a device; use e.g. cpu or cuda") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserInputError("--device cuda: no CUDA GPU is available here; use --device cpu")
+    summary = api.finetune(args.model, args.recipe, args.out, data=args.data, steps=args.steps, resume=args.resume,
+                           eval_every=args.eval_every, save_every=args.save_every, eval_tokens=args.eval_tokens,
+                           overwrite=args.overwrite, progress=not args.quiet, device=args.device)
+    t = summary["training"]
+    ppl = summary["final_perplexity"]
+    _result(f"wrote {args.out}  ({t['method']}: {t['steps']} steps, {t['tokens']} tokens, loss {t['loss_first']:.3f} -> "
+            f"{t['loss_last']:.3f}{f', held-out perplexity {ppl:.2f}' if ppl is not None else ''}; pruned positions changed: "
+            f"{t['mask_changed']}; log {args.out}/training_log.json, plot {args.out}/loss_curve.png)")
+    return 0
+
+
 def cmd_export(args) -> int:
     from sparseforge import api
     from sparseforge.formats.artifact import check_output_dir, resolve_model_path, save
@@ -436,6 +459,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--offload-dir", default=None,
                    help="keep decoder layers on disk (scratch files in this directory) and hold one at a time in memory")
     p.set_defaults(func=cmd_compress)
+
+    p = sub.add_parser("finetune", help="train a recovery stage after pruning (masks kept exactly) with checkpoints and resume")
+    common(p, "model or pruned artifact directory (default: the bundled reference model)")
+    p.add_argument("--recipe", required=True, help="recipe YAML or preset with one training stage, e.g. recover-perp, recover-lora, recover-spiel")
+    p.add_argument("--data", default=None, help="training text: 'bundled' (the calibration text) or a UTF-8 file (default: the stage's)")
+    p.add_argument("--steps", type=int, default=None, help="optimizer steps (default: the stage's)")
+    p.add_argument("--out", required=True, help="artifact directory to create (with training_log.json and loss_curve.png)")
+    p.add_argument("--resume", action="store_true", help="continue from the last checkpoint in OUT.checkpoints (same arguments)")
+    p.add_argument("--eval-every", type=int, default=0, help="held-out perplexity every K steps and at the end (0: never)")
+    p.add_argument("--eval-tokens", type=int, default=4096, help="held-out tokens each evaluation scores (default: %(default)s)")
+    p.add_argument("--save-every", type=int, default=0, help="checkpoint every K steps into OUT.checkpoints (0: never)")
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    p.set_defaults(func=cmd_finetune)
 
     p = sub.add_parser("export", help="write an artifact (e.g. a compact one) as a plain Hugging Face checkpoint, or as compressed-tensors")
     common(p, "artifact directory to export")
