@@ -282,8 +282,13 @@ def _load_compact(path: pathlib.Path, info: dict, dtype):
         # A bit-flipped or hand-edited sparseforge.json, or packed tensors that do not match it.
         raise UserInputError(f"compact artifact '{path}' is inconsistent ({type(exc).__name__}: {str(exc).splitlines()[0][:120] if str(exc) else ''}); "
                              "copy it again or re-create it with sparseforge compress --storage compact") from None
-    config = AutoConfig.from_pretrained(path, trust_remote_code=False)
-    model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    try:
+        config = AutoConfig.from_pretrained(path, trust_remote_code=False)
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    except (KeyError, TypeError, ValueError, AttributeError, OSError) as exc:
+        # A hand-edited config.json (unknown dtype or model type, wrong field types) fails inside transformers.
+        raise UserInputError(f"compact artifact '{path}' has an unusable config.json ({type(exc).__name__}: "
+                             f"{str(exc).splitlines()[0][:120] if str(exc) else ''}); copy it again or re-create it") from None
     try:
         result = model.load_state_dict(state, strict=False)
     except RuntimeError as exc:  # shapes that do not match the config
