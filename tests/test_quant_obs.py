@@ -144,3 +144,17 @@ def test_quantizer_keeps_zero_exact_and_symmetric_matches_signed_codes():
         assert (q[:, ::3] == 0).all()
     s, z = find_params(x, QuantScheme(4, True, 0))
     assert (z == 8).all() and torch.allclose(s, x.abs().amax(1) / 7.5)
+
+
+def test_per_channel_scales_see_the_whole_row_not_the_first_block():
+    """One group per row spans every block: its min-max must cover all columns (the first block alone would clip
+    larger weights further right to its range)."""
+    W, H = _problem(rows=16, cols=256, seed=4)
+    W[:, 200] *= 10  # the row maxima sit outside the first 128-column block
+    scheme = QuantScheme(8, True, 0)
+    res = obs_solve(W, H, quant=scheme, blocksize=128)
+    s, _ = find_params(W, scheme)
+    assert torch.equal(res.quantized.scale[:, 0], s)
+    assert torch.equal(res.quantized.dequantize(), res.weight)
+    loss = lambda V: torch.trace((W - V) @ H @ (W - V).t()).item()  # noqa: E731
+    assert loss(res.weight) < 1e-3 * loss(torch.zeros_like(W))

@@ -129,8 +129,9 @@ def obs_solve(weight: torch.Tensor, hessian: torch.Tensor, prune: Pattern | None
                 col = b1 + i if perm is None else int(perm[b1 + i])
                 g = col // width
                 if perm is None and col % width == 0:
-                    part = W1[:, i : i + width]
-                    part = torch.where(mask[:, i : i + width], torch.zeros_like(part), part)
+                    part = torch.where(mask[:, i : i + width], torch.zeros_like(W1[:, i : i + width]), W1[:, i : i + width])
+                    if col + width > b2:  # a per-channel group spans every block: the rest of the row counts too
+                        part = torch.cat([part, W[:, b2 : col + width]], 1)
                     scale[:, g], zero[:, g] = fit_group(g, part, diag[col : col + width], tau)
                 if outlier is not None:
                     c = quantize_codes(q, scale[:, g], zero[:, g], quant.maxq)
