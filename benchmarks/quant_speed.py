@@ -155,6 +155,7 @@ def generate_pair(model, stage_params: dict, rounds: int, prompt_len: int, new_t
                 out = model.generate(prompt, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
             elapsed = time.perf_counter() - start
             if variant == "kernel":
+                routed = len(stages[0].method.replaced)  # while attached (detach empties it)
                 sparseforge.detach_runtime(model)
             outputs[variant] = out
             if round_:
@@ -162,7 +163,7 @@ def generate_pair(model, stage_params: dict, rounds: int, prompt_len: int, new_t
                 loads.append(os.getloadavg()[0])
     gate = stages[0].method.gate
     med = {v: statistics.median(t) for v, t in times.items()}
-    return {"prompt_len": prompt_len, "new_tokens": new_tokens, "rounds": rounds, "routed_projections": len(stages[0].method.replaced),
+    return {"prompt_len": prompt_len, "new_tokens": new_tokens, "rounds": rounds, "routed_projections": routed,
             "gate_kernel_choices": list(gate.choices().values()).count("sparse"), "gate_entries": len(gate.choices()),
             "dense_generate_s": times["dense"], "kernel_generate_s": times["kernel"],
             "dense_tok_s": new_tokens / med["dense"], "kernel_tok_s": new_tokens / med["kernel"], "speedup": med["dense"] / med["kernel"],
