@@ -9,8 +9,11 @@ reads those float weights into a copy of the dense model (scales and zero points
 held-out perplexity. sparseforge: `gptq` with bits 4 / group 128 and bits 8 / per channel, symmetric, block 128,
 dampening 0.01, no activation order. "compress s" is each tool's own wall time of its compress call.
 
+Resumable: rows (seed, scheme, tool) already in the JSON with the same evaluation settings are kept and not
+re-run, so `--schemes W8A16` adds that scheme beside the W4A16 rows measured before. Each row records its threads.
+
 Writes benchmarks/results/quant_llmc_compare.json and .md.
-Usage: python benchmarks/quant_llmc_compare.py [--seeds 0,1,2,3,4] [--llmc-python PATH] [--quick]
+Usage: python benchmarks/quant_llmc_compare.py [--seeds 0,1,2,3,4] [--schemes W8A16] [--threads 1] [--max-tokens 16384] [--llmc-python PATH] [--quick]
 """
 from __future__ import annotations
 
@@ -119,6 +122,7 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--schemes", default=",".join(SCHEMES), help="comma-separated subset of: " + ", ".join(SCHEMES))
     ap.add_argument("--max-tokens", type=int, default=None, help="score perplexity on the first N held-out tokens only")
+    ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args()
     if args.worker:
         worker(args.worker)
@@ -132,44 +136,59 @@ def main() -> None:
     from sparseforge.methods import get_method
     from sparseforge.recipe import Recipe, Stage
 
-    threads = torch.get_num_threads()
+    torch.set_num_threads(args.threads)
+    threads = args.threads
     tokenizer = sparseforge.load_tokenizer()
     dense = sparseforge.load()
     settings = {"max_tokens": 4096} if args.quick else ({"max_tokens": args.max_tokens} if args.max_tokens else {})
     schemes = {k: SCHEMES[k] for k in args.schemes.split(",")}
     ppl = lambda m: run_tasks(EvalContext(m, tokenizer, settings=settings), ["perplexity"])["perplexity"]  # noqa: E731
-    rows, llmc_env, reasons = [], None, []
-    dense_ppl = ppl(dense)
+    name_out = "quant_llmc_compare" + ("_quick" if args.quick else "")
+    previous = json.loads((OUT / f"{name_out}.json").read_text()) if (OUT / f"{name_out}.json").is_file() else {}
+    same = previous.get("settings") == settings
+    rows = [dict(r, threads=r.get("threads", previous.get("threads"))) for r in previous.get("rows", [])] if same else []
+    llmc_env, reasons = (previous.get("llmc_environment") if same else None), []
+    have = {(r["seed"], r["scheme"], r["tool"]) for r in rows if r.get("perplexity") is not None}
+    dense_ppl = previous["dense_perplexity"] if same and "dense_perplexity" in previous else ppl(dense)
+    schemes_all = {k: SCHEMES[k] for k in SCHEMES if k in schemes or any(r["scheme"] == k for r in rows)}
     for seed in [int(s) for s in args.seeds.split(",")]:
         cal = CalibrationConfig(seed=seed)
         batches = calibration_batches(tokenizer, cal)
         for name, params in schemes.items():
+            if (seed, name, "sparseforge") in have:
+                continue
             recipe = Recipe(name, [Stage("gptq", get_method("gptq").parse_params(params))], cal)
             start = time.perf_counter()
             q, _ = sparseforge.compress(dense, recipe, tokenizer, progress=False)
-            rows.append({"seed": seed, "scheme": name, "tool": "sparseforge", "perplexity": ppl(q), "compress_seconds": round(time.perf_counter() - start, 2)})
+            rows.append({"seed": seed, "scheme": name, "tool": "sparseforge", "perplexity": ppl(q), "compress_seconds": round(time.perf_counter() - start, 2),
+                         "threads": threads, "load_average": round(os.getloadavg()[0], 1)})
             print(rows[-1], flush=True)
+        todo = [n for n in schemes if (seed, n, "llm-compressor") not in have]
+        if not todo:
+            continue
         with tempfile.TemporaryDirectory(prefix="llmc-gptq-") as tmp:
             tmp = pathlib.Path(tmp)
             (tmp / "calibration.json").write_text(json.dumps({"seq_len": cal.seq_len, "input_ids": [b[0].tolist() for b in batches]}))
             shutil.copytree(resolve_model_path(None), tmp / "model")
             spec = {"calibration": str(tmp / "calibration.json"), "model_dir": str(tmp / "model"), "out_root": str(tmp / "out"),
                     "result": str(tmp / "result.json"), "threads": threads,
-                    "runs": [{"name": n, "llmc_scheme": n.split()[0]} for n in schemes]}
+                    "runs": [{"name": n, "llmc_scheme": n.split()[0]} for n in todo]}
             result, reason = run_llmc(args.llmc_python, spec, tmp)
             if reason:
                 reasons.append(reason)
             llmc_env = (result or {}).get("environment", llmc_env)
             for run in (result or {}).get("runs", []):
                 row = {"seed": seed, "scheme": run["name"], "tool": "llm-compressor", "perplexity": None, "compress_seconds": run.get("compress_seconds"),
-                       "modifier": run.get("modifier")}
+                       "modifier": run.get("modifier"), "threads": threads}
                 if run.get("model_dir"):
                     row["perplexity"] = ppl(load_float_weights(dense, run["model_dir"]))
                 else:
                     row["unavailable"] = run.get("error")
+                row["load_average"] = round(os.getloadavg()[0], 1)
                 rows.append(row)
                 print(rows[-1], flush=True)
-        report(args, rows, llmc_env, reasons, schemes, threads, dense_ppl, settings)  # after every seed
+        report(args, rows, llmc_env, reasons, schemes_all, threads, dense_ppl, settings)  # after every seed
+    report(args, rows, llmc_env, reasons, schemes_all, threads, dense_ppl, settings)
 
 
 def report(args, rows, llmc_env, reasons, schemes, threads, dense_ppl, settings) -> None:
@@ -185,7 +204,8 @@ def report(args, rows, llmc_env, reasons, schemes, threads, dense_ppl, settings)
             if vals:
                 summary.append({"scheme": name, "tool": tool, "seeds": len(vals), "mean_perplexity": statistics.mean(vals),
                                 "spread": max(vals) - min(vals), "stdev": statistics.stdev(vals) if len(vals) > 1 else 0.0,
-                                "mean_compress_seconds": statistics.mean(secs)})
+                                "mean_compress_seconds": statistics.mean(secs),
+                                "threads": sorted({r.get("threads") for r in rows if r["scheme"] == name and r["tool"] == tool and r.get("threads")})})
     doc = {"environment": environment(), "llmc_environment": llmc_env, "threads": threads, "dense_perplexity": dense_ppl, "rows": rows,
            "summary": summary, "unavailable": reasons, "settings": settings}
     name = "quant_llmc_compare" + ("_quick" if args.quick else "")
@@ -194,12 +214,15 @@ def report(args, rows, llmc_env, reasons, schemes, threads, dense_ppl, settings)
     md = [f"# GPTQ: sparseforge vs. llm-compressor on the bundled model\n",
           f"Machine: {env['cpu']} ({env['cpu_count']} cores, shared with other jobs), torch {env['torch']} (llm-compressor: "
           f"{(llmc_env or {}).get('llmcompressor')} with torch {(llmc_env or {}).get('torch')}, transformers {(llmc_env or {}).get('transformers')}), "
-          f"{threads} thread(s). Same 32 x 512 calibration windows per seed for both tools; held-out perplexity by sparseforge's code "
+          "threads per row below (the W4A16 rows were measured at 2 threads in an earlier run, W8A16 at 1; compress times compare within a "
+          "scheme). Same 32 x 512 calibration windows per seed for both tools; held-out perplexity by sparseforge's code "
           f"(dense {dense_ppl:.2f}{', first ' + str(settings['max_tokens']) + ' tokens' if settings.get('max_tokens') else ''}). Written by `benchmarks/quant_llmc_compare.py`.\n",
-          "| scheme | tool | seeds | mean perplexity | spread (max - min) | stdev | mean compress s |", "|---|---|---|---|---|---|---|"]
-    md += [f"| {s['scheme']} | {s['tool']} | {s['seeds']} | {s['mean_perplexity']:.3f} | {s['spread']:.3f} | {s['stdev']:.3f} | {s['mean_compress_seconds']:.1f} |" for s in summary]
-    md += ["", "| seed | scheme | tool | perplexity | compress s |", "|---|---|---|---|---|"]
-    md += [f"| {r['seed']} | {r['scheme']} | {r['tool']} | {'-' if r['perplexity'] is None else format(r['perplexity'], '.3f')} | {r['compress_seconds']} |" for r in rows]
+          "| scheme | tool | seeds | mean perplexity | spread (max - min) | stdev | mean compress s | threads |", "|---|---|---|---|---|---|---|---|"]
+    md += [f"| {s['scheme']} | {s['tool']} | {s['seeds']} | {s['mean_perplexity']:.3f} | {s['spread']:.3f} | {s['stdev']:.3f} | {s['mean_compress_seconds']:.1f} | "
+           f"{'/'.join(map(str, s['threads']))} |" for s in summary]
+    md += ["", "| seed | scheme | tool | perplexity | compress s | threads | load average |", "|---|---|---|---|---|---|---|"]
+    md += [f"| {r['seed']} | {r['scheme']} | {r['tool']} | {'-' if r['perplexity'] is None else format(r['perplexity'], '.3f')} | {r['compress_seconds']} | "
+           f"{r.get('threads', '-')} | {r.get('load_average', '-')} |" for r in rows]
     if reasons:
         md += ["", "llm-compressor unavailable: " + "; ".join(sorted(set(reasons)))]
     (OUT / f"{name}.md").write_text("\n".join(md) + "\n")

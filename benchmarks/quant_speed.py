@@ -13,6 +13,10 @@ after warm-up), so that drift in machine load hits every variant alike.
    decode tokens/s of 32 greedy steps after a 128-token prompt (eval.efficiency.speed), bfloat16 dense vs. the
    kernel stage attached, alternating round by round.
 3. The bundled model through `generate`, bfloat16 dense vs. gptq-w4g128 + quant-kernel (its gate decides).
+4. `--gptq-7b`: the 2-layer 7B-shaped Llama with real GPTQ codes (gptq-w4g128's scheme, calibrated on the
+   bundled calibration text, 8 x 128 tokens; the compress time is reported), decoded through Hugging Face
+   `generate` (greedy, a fixed number of new tokens) in bfloat16: dense (the dequantized weights) vs. the
+   quant-kernel stage attached, alternating round by round. Written to quant_speed_gptq7b.json / .md.
 
 Writes benchmarks/results/quant_speed.json and .md (--quick: *_quick, a smoke test, not for reporting).
 Usage: python benchmarks/quant_speed.py [--threads 2] [--repeats 7] [--warmup 2] [--quick] [--skip-model]
@@ -132,6 +136,59 @@ def llama_7b_layers(rounds, quick, tokenizer) -> list[dict]:
     return rows
 
 
+def generate_pair(model, stage_params: dict, rounds: int, prompt_len: int, new_tokens: int) -> dict:
+    """Tokens/s of `model.generate` (greedy, exactly `new_tokens` new tokens, whole call timed) without and with
+    the quant-kernel stage, alternating; the first round is warm-up (it also lets the gate measure)."""
+    import os
+
+    sparseforge.attach_method(model, "quant-kernel", stage_params)
+    stages = sparseforge.detach_runtime(model)
+    prompt = torch.randint(0, model.config.vocab_size, (1, prompt_len), generator=torch.Generator().manual_seed(0))
+    times, loads = {"dense": [], "kernel": []}, []
+    outputs = {}
+    for round_ in range(rounds + 1):
+        for variant in ("dense", "kernel"):
+            if variant == "kernel":
+                sparseforge.attach_runtime(model, stages)
+            start = time.perf_counter()
+            with torch.no_grad():
+                out = model.generate(prompt, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
+            elapsed = time.perf_counter() - start
+            if variant == "kernel":
+                routed = len(stages[0].method.replaced)  # while attached (detach empties it)
+                sparseforge.detach_runtime(model)
+            outputs[variant] = out
+            if round_:
+                times[variant].append(elapsed)
+                loads.append(os.getloadavg()[0])
+    gate = stages[0].method.gate
+    med = {v: statistics.median(t) for v, t in times.items()}
+    return {"prompt_len": prompt_len, "new_tokens": new_tokens, "rounds": rounds, "routed_projections": routed,
+            "gate_kernel_choices": list(gate.choices().values()).count("sparse"), "gate_entries": len(gate.choices()),
+            "dense_generate_s": times["dense"], "kernel_generate_s": times["kernel"],
+            "dense_tok_s": new_tokens / med["dense"], "kernel_tok_s": new_tokens / med["kernel"], "speedup": med["dense"] / med["kernel"],
+            "per_round_speedup": [d / k for d, k in zip(times["dense"], times["kernel"])],
+            "same_tokens": bool(torch.equal(outputs["dense"], outputs["kernel"])), "load_average": [round(x, 1) for x in loads]}
+
+
+def gptq_7b(rounds, quick, tokenizer) -> dict:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(hidden_size=4096, intermediate_size=11008, num_attention_heads=32, num_key_value_heads=32,
+                         num_hidden_layers=1 if quick else 2, vocab_size=4096, max_position_embeddings=1024)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config).eval()
+    cal = CalibrationConfig(samples=2 if quick else 8, seq_len=128)
+    recipe = Recipe("gptq-w4g128 scheme", [Stage("gptq", get_method("gptq").parse_params({"bits": 4, "group_size": 128}))], cal)
+    start = time.perf_counter()
+    model, _ = sparseforge.compress(model, recipe, tokenizer, progress=False, inplace=True)
+    seconds = time.perf_counter() - start
+    print(json.dumps({"gptq_compress_s": round(seconds, 1)}), flush=True)
+    model.to(torch.bfloat16)
+    pair = generate_pair(model, {"token_counts": [1, 32], "repeats": 3, "warmup": 1}, rounds, 32, 8 if quick else 16)
+    return {"case": f"{config.num_hidden_layers}-layer 7B-shaped Llama, GPTQ w4 g128 codes", "calibration": vars(cal), "compress_s": seconds, **pair}
+
+
 def bundled(rounds, quick, tokenizer) -> list[dict]:
     dense = sparseforge.load()
     model, _ = sparseforge.compress(dense, "gptq-w4g128", tokenizer, progress=False)
@@ -168,6 +225,23 @@ def markdown(doc: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def gptq_markdown(doc: dict) -> str:
+    env, r = doc["environment"], doc["gptq_7b"]
+    return "\n".join([
+        "# End-to-end decode with real GPTQ codes on a 7B-shaped model", "",
+        f"Machine: {env['cpu']} ({env['cpu_count']} cores), torch {env['torch']}, {doc['threads']} thread(s), shared with other jobs "
+        f"(load average {doc['load_average_start']} at the start; per timed round: {', '.join(map(str, r['load_average']))}). "
+        f"Model: {r['case']}, vocabulary 4096, random weights; GPTQ (4-bit symmetric, groups of 128) calibrated on "
+        f"{r['calibration']['samples']} x {r['calibration']['seq_len']} tokens of the bundled calibration text took {r['compress_s']:.0f} s. "
+        f"Hugging Face `generate`, greedy, {r['prompt_len']}-token random prompt, {r['new_tokens']} new tokens, whole call timed, "
+        f"bfloat16; dense = the dequantized weights through bfloat16 products, kernel = quant-kernel stage attached; "
+        f"{r['rounds']} alternating rounds after one warm-up round, medians. Written by `benchmarks/quant_speed.py --gptq-7b`.", "",
+        "| dense tok/s | kernel tok/s | speedup (medians) | per-round speedups | routed projections | gate picks kernel | same tokens |",
+        "|---|---|---|---|---|---|---|",
+        f"| {r['dense_tok_s']:.2f} | {r['kernel_tok_s']:.2f} | {r['speedup']:.2f}x | {', '.join(f'{x:.2f}' for x in r['per_round_speedup'])} | "
+        f"{r['routed_projections']} | {r['gate_kernel_choices']}/{r['gate_entries']} | {r['same_tokens']} |"]) + "\n"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--threads", type=int, default=2)
@@ -176,11 +250,21 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--skip-model", action="store_true")
+    ap.add_argument("--gptq-7b", action="store_true", help="only part 4: real GPTQ codes on the 7B-shaped model through generate")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     import os
 
     load = os.getloadavg()[0]
+    if args.gptq_7b:
+        doc = {"threads": args.threads, "load_average_start": round(load, 1), "environment": environment(),
+               "gptq_7b": gptq_7b(args.rounds, args.quick, sparseforge.load_tokenizer())}
+        name = "quant_speed_gptq7b" + ("_quick" if args.quick else "")
+        OUT.mkdir(exist_ok=True)
+        (OUT / f"{name}.json").write_text(json.dumps(doc, indent=2) + "\n")
+        (OUT / f"{name}.md").write_text(gptq_markdown(doc))
+        print(gptq_markdown(doc))
+        return
     ceil = ceilings()
     tokens = (1, 16) if args.quick else TOKENS
     doc = {"threads": args.threads, "repeats": args.repeats, "warmup": args.warmup, "load_average": round(load, 1), "ceilings": ceil,

@@ -79,3 +79,39 @@ def test_asymmetric_codes_are_refused(tokenizer, tmp_path):
 
     with pytest.raises(UserInputError, match="symmetric: true"):
         export_compressed_tensors(_quantized(tokenizer, bits=4, group_size=32, symmetric=False), tmp_path / "ct")
+
+
+def test_asymmetric_files_match_the_library_but_transformers_still_refuses_them(tokenizer, tmp_path):
+    """Why asymmetric export is refused: our tensors are the library's own (its compressor writes the same packed
+    zero points, its decompressor reads our weight back exactly), yet transformers 5.24 + compressed-tensors 0.20.1
+    allocate unpacked zero points and reject the checkpoint. If this starts loading, lift the refusal."""
+    from compressed_tensors.compressors.pack_quantized.base import PackedQuantizationCompressor
+    from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    from sparseforge.core.quantizer import quantized_weights
+    from sparseforge.formats.compressed_tensors_export import export_compressed_tensors
+
+    q = _quantized(tokenizer, bits=4, group_size=32, symmetric=False)
+    export_compressed_tensors(q, tmp_path / "ct", tokenizer, allow_asymmetric=True)
+    raw = load_file(tmp_path / "ct" / "model.safetensors")
+    name = "model.layers.0.mlp.down_proj"
+    qw = quantized_weights(q)[name + ".weight"]
+    scheme = QuantizationScheme(targets=["Linear"], weights=QuantizationArgs(num_bits=4, type="int", symmetric=False, strategy="group", group_size=32))
+    weight = q.model.layers[0].mlp.down_proj.weight.data
+    theirs = PackedQuantizationCompressor.compress({"weight": weight, "weight_scale": qw.scale, "weight_zero_point": (qw.zero - 8).to(torch.int8)}, scheme)
+    for part in ("weight_packed", "weight_zero_point"):
+        assert torch.equal(raw[f"{name}.{part}"], theirs[part]), part
+    local = {k.removeprefix(name + "."): v for k, v in raw.items() if k.startswith(name + ".")}
+    assert torch.equal(PackedQuantizationCompressor.decompress(local, scheme)["weight"].float(), weight)
+    with pytest.raises(RuntimeError, match="ignore_mismatched_sizes"):
+        AutoModelForCausalLM.from_pretrained(tmp_path / "ct")
+
+
+def test_spqr_weights_stay_float_in_the_export(tokenizer, tmp_path):
+    from sparseforge.formats.compressed_tensors_export import export_compressed_tensors
+
+    q = _quantized(tokenizer, method="spqr", symmetric=True)
+    with pytest.raises(UserInputError, match="no quantized linear layers"):
+        export_compressed_tensors(q, tmp_path / "ct", tokenizer)

@@ -16,10 +16,17 @@ group never straddles a block (the block size is rounded to a multiple of the gr
 order (GPTQ's act-order) columns are visited by decreasing H_jj; the groups stay the original consecutive
 columns and take their parameters from the weights before any update ("static groups"), so storage and kernels
 see ordinary groups.
+
+Two hooks serve SpQR (methods/weights/spqr.py) and leave SparseGPT and GPTQ untouched when unset: `fit_group`
+replaces the min-max group fit (SpQR: leave-one-out outlier pre-selection and second-level quantized statistics),
+and `outlier_threshold` turns on SpQR's outliers: a weight whose OBS error of rounding, (w - q(w))² / [H⁻¹]_jj²
+(the Cholesky diagonal, as the update uses), exceeds tau = outlier_threshold · mean_j(var_i W_ij / [H⁻¹]_jj²)
+(the layer's typical such error, from the weights before the walk) keeps its value in float16 and is recorded.
 """
 from __future__ import annotations
 
 import dataclasses
+from typing import Callable
 
 import torch
 
@@ -32,25 +39,22 @@ from sparseforge.errors import UserInputError
 class ObsResult:
     weight: torch.Tensor  # float32 [out, in]: pruned and/or dequantized
     quantized: QuantizedWeight | None = None
+    # With outliers on: each weight's (w - q(w))² / [H⁻¹]_jj² when its column was reached, and the threshold.
+    sensitivity: torch.Tensor | None = None
+    outlier_tau: float | None = None
 
 
-def group_params(part: torch.Tensor, scheme: QuantScheme, outlier_threshold: float | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """Scale and zero point of each row of `part` [rows, width]; with `outlier_threshold` (SpQR), weights more than
-    that many standard deviations from their row's group mean are outliers: left out of the min-max range (so
-    the grid stays fine for the rest) and returned as a mask, to be kept in float."""
-    if outlier_threshold is None:
-        return (*find_params(part, scheme), None)
-    mean, std = part.mean(1, keepdim=True), part.std(1, keepdim=True, unbiased=False)
-    outliers = (part - mean).abs() > outlier_threshold * std
-    scale, zero = find_params(torch.where(outliers, torch.zeros_like(part), part), scheme)
-    return scale, zero, outliers
+# (group index, the group's weights [rows, width] as updated so far, their columns' [H⁻¹]_jj, tau or None)
+#   -> (scale, zero) [rows]
+GroupFit = Callable[[int, torch.Tensor, torch.Tensor, "float | None"], "tuple[torch.Tensor, torch.Tensor]"]
 
 
 def obs_solve(weight: torch.Tensor, hessian: torch.Tensor, prune: Pattern | None = None, quant: QuantScheme | None = None,
-              blocksize: int = 128, dampening: float = 0.01, act_order: bool = False, outlier_threshold: float | None = None) -> ObsResult:
+              blocksize: int = 128, dampening: float = 0.01, act_order: bool = False, outlier_threshold: float | None = None,
+              fit_group: GroupFit | None = None) -> ObsResult:
     """Prune and/or quantize `weight` ([out, in], any float dtype; computed in float32) against `hessian` [in, in].
-    `outlier_threshold` (quantizing only): SpQR-style outliers, see `group_params`; they keep their value (as
-    updated when reached) in float and add no error."""
+    `outlier_threshold` and `fit_group` (quantizing only, no act_order): SpQR's hooks, see the module docstring;
+    outliers keep their value (as updated when reached, rounded to float16) and add no error."""
     # A contiguous copy: GPT-2's Conv1D hands over a transposed view, whose strides clone() would keep, and
     # the flat mask indexing below needs row-major blocks.
     W = weight.detach().float().clone(memory_format=torch.contiguous_format)
@@ -64,6 +68,8 @@ def obs_solve(weight: torch.Tensor, hessian: torch.Tensor, prune: Pattern | None
         if prune is not None and prune.kind == "nm" and quant.group_size % prune.m:
             raise UserInputError(f"group_size {quant.group_size} is not a multiple of M={prune.m}; pick e.g. 128")
         blocksize = max(1, blocksize // quant.group_size) * quant.group_size  # a group never straddles a block
+    if (outlier_threshold is not None or fit_group is not None) and (quant is None or act_order):
+        raise UserInputError("outliers and custom group fits need quantization without act_order")
     if act_order and prune is not None:
         raise UserInputError("act_order reorders columns, which the pruning step's per-block selection cannot follow; "
                              "use act_order without pruning")
@@ -79,16 +85,21 @@ def obs_solve(weight: torch.Tensor, hessian: torch.Tensor, prune: Pattern | None
     zero = torch.zeros(rows, n_groups, device=W.device)
     codes = torch.zeros(rows, cols, dtype=torch.uint8, device=W.device) if quant is not None else None
     outlier = torch.zeros(rows, cols, dtype=torch.bool, device=W.device) if outlier_threshold is not None else None
+    sensitivity = torch.zeros(rows, cols, device=W.device) if outlier_threshold is not None else None
+    if fit_group is None and quant is not None:
+        fit_group = lambda g, part, diag, tau: find_params(part, quant)  # noqa: E731  (plain min-max)
     perm = None
     if act_order and quant is not None:
         for g in range(n_groups):  # static groups: parameters from the weights before any update
-            scale[:, g], zero[:, g], found = group_params(W[:, g * width : (g + 1) * width], quant, outlier_threshold)
-            if found is not None:
-                outlier[:, g * width : (g + 1) * width] = found
+            scale[:, g], zero[:, g] = find_params(W[:, g * width : (g + 1) * width], quant)
         perm = torch.argsort(torch.diag(H), descending=True, stable=True)
         W, H = W[:, perm], H[perm][:, perm]
     # Upper Cholesky factor of H⁻¹: row j holds what the OBS update needs after column j is fixed.
     Hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
+    diag = torch.diag(Hinv)
+    tau = None
+    if outlier_threshold is not None:
+        tau = outlier_threshold * float((W.var(dim=0, unbiased=False) / diag**2).mean())
 
     target_total = prune_count(rows * cols, prune.sparsity) if prune is not None else 0
     pruned_total = 0
@@ -118,14 +129,18 @@ def obs_solve(weight: torch.Tensor, hessian: torch.Tensor, prune: Pattern | None
                 col = b1 + i if perm is None else int(perm[b1 + i])
                 g = col // width
                 if perm is None and col % width == 0:
-                    part = W1[:, i : i + width]
-                    part = torch.where(mask[:, i : i + width], torch.zeros_like(part), part)
-                    scale[:, g], zero[:, g], found = group_params(part, quant, outlier_threshold)
-                    if found is not None:
-                        outlier[:, col : col + width] = found
-                if outlier is not None:  # an outlier's code is the zero point; its float value is kept apart
-                    c = quantize_codes(torch.where(outlier[:, col], torch.zeros_like(q), q), scale[:, g], zero[:, g], quant.maxq)
-                    q = torch.where(outlier[:, col], q, dequantize(c, scale[:, g], zero[:, g]))
+                    part = torch.where(mask[:, i : i + width], torch.zeros_like(W1[:, i : i + width]), W1[:, i : i + width])
+                    if col + width > b2:  # a per-channel group spans every block: the rest of the row counts too
+                        part = torch.cat([part, W[:, b2 : col + width]], 1)
+                    scale[:, g], zero[:, g] = fit_group(g, part, diag[col : col + width], tau)
+                if outlier is not None:
+                    c = quantize_codes(q, scale[:, g], zero[:, g], quant.maxq)
+                    sens = ((q - dequantize(c, scale[:, g], zero[:, g])) / d) ** 2
+                    out = sens > tau
+                    sensitivity[:, col], outlier[:, col] = sens, out
+                    # An outlier's code is that of 0 (storage needs one; its 16-bit value replaces it).
+                    c = torch.where(out, quantize_codes(torch.zeros_like(q), scale[:, g], zero[:, g], quant.maxq), c)
+                    q = torch.where(out, q.half().float(), dequantize(c, scale[:, g], zero[:, g]))
                 else:
                     c = quantize_codes(q, scale[:, g], zero[:, g], quant.maxq)
                     q = dequantize(c, scale[:, g], zero[:, g])
@@ -145,4 +160,4 @@ def obs_solve(weight: torch.Tensor, hessian: torch.Tensor, prune: Pattern | None
             index = outlier.nonzero().t()
             sparse_outliers = torch.sparse_coo_tensor(index, W[index[0], index[1]], (rows, cols), check_invariants=True).coalesce().cpu()
         quantized = QuantizedWeight(codes.cpu(), scale.cpu(), zero.cpu(), quant, sparse_outliers)
-    return ObsResult(W, quantized)
+    return ObsResult(W, quantized, sensitivity, tau)

@@ -74,8 +74,11 @@ def find_params(x: torch.Tensor, scheme: QuantScheme) -> tuple[torch.Tensor, tor
 
 
 def quantize_codes(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, maxq: int) -> torch.Tensor:
-    """Integer codes (as floats) of `x` for broadcastable scale and zero."""
-    return torch.clamp(torch.round(x / scale) + zero, 0, maxq)
+    """Integer codes (as floats) of `x` for broadcastable scale and zero. A float zero point (SpQR's quantized
+    statistics) is split into its nearest integer and the rest, so codes stay integers; for integer zero points
+    the rest is +0.0 and this is exactly round(x / s) + z."""
+    whole = torch.round(zero)
+    return torch.clamp(torch.round(x / scale + (zero - whole)) + whole, 0, maxq)
 
 
 def dequantize(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
@@ -86,16 +89,66 @@ def fake_quantize(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, maxq
     return dequantize(quantize_codes(x, scale, zero, maxq), scale, zero)
 
 
+def minmax_float_zero(x: torch.Tensor, maxq: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Asymmetric min-max grid of each row of `x` whose zero point stays a float (SpQR's statistics: the range
+    need not contain 0). A constant row v gets scale |v| (1e-8 for 0) and zero -v / scale, so v is code 0 exactly
+    and the scale stays of the size of its neighbours (which share a second-level grid with it)."""
+    xmin, xmax = x.min(dim=1).values, x.max(dim=1).values
+    flat = xmin == xmax
+    scale = torch.where(flat, xmin.abs().clamp_min(1e-8), (xmax - xmin) / maxq)
+    return scale, -xmin / scale
+
+
+@dataclasses.dataclass
+class StatCodes:
+    """Second-level quantization of one per-group statistic (SpQR): the statistic [out, groups] is cut into
+    chunks of `group_size` consecutive output rows per column group, each chunk rounded to `bits`-bit codes on
+    its own asymmetric min-max grid whose scale and zero are float16. codes [out, groups] uint8; scale and zero
+    [chunks, groups] float16."""
+
+    bits: int
+    group_size: int
+    codes: torch.Tensor
+    scale: torch.Tensor
+    zero: torch.Tensor
+
+    def values(self) -> torch.Tensor:
+        """The statistic as every reader sees it (float32), the one formula for the solver and storage."""
+        s = self.scale.float().repeat_interleave(self.group_size, 0)[: self.codes.shape[0]]
+        z = self.zero.float().repeat_interleave(self.group_size, 0)[: self.codes.shape[0]]
+        return dequantize(self.codes.float(), s, z)
+
+
+def quantize_stat(values: torch.Tensor, bits: int, group_size: int) -> StatCodes:
+    """`values` [out, groups] float -> its second-level codes (`StatCodes.values()` reads back the rounded values)."""
+    rows, groups = values.shape
+    chunks = -(-rows // group_size)
+    # A short last chunk is padded with its own last row, which leaves its min and max unchanged.
+    padded = torch.cat([values, values[-1:].expand(chunks * group_size - rows, groups)]) if chunks * group_size > rows else values
+    by_chunk = padded.reshape(chunks, group_size, groups).permute(0, 2, 1).reshape(chunks * groups, group_size)
+    scale, _ = minmax_float_zero(by_chunk.float(), 2**bits - 1)
+    scale = scale.clamp_min(2**-14)  # float16's smallest normal number: no second-level scale rounds to 0
+    zero = -by_chunk.float().min(dim=1).values / scale
+    scale, zero = scale.reshape(chunks, groups).half(), zero.reshape(chunks, groups).half()
+    s = scale.float().repeat_interleave(group_size, 0)[:rows]
+    z = zero.float().repeat_interleave(group_size, 0)[:rows]
+    codes = quantize_codes(values.float(), s, z, 2**bits - 1).to(torch.uint8)
+    return StatCodes(bits, group_size, codes, scale, zero)
+
+
 @dataclasses.dataclass
 class QuantizedWeight:
-    """codes [out, in] uint8 (0..2^bits-1); scale and zero [out, groups] float32 (zero holds integers);
-    `outliers` (SpQR): a sparse COO float tensor [out, in] added after dequantization, or None."""
+    """codes [out, in] uint8 (0..2^bits-1); scale and zero [out, groups] float32 (zero holds integers, except
+    when `stats` quantizes it); `outliers` (SpQR, EasyQuant): a sparse COO float tensor [out, in] whose entries
+    replace their dequantized weights, or None; `stats` (SpQR): {"scale": StatCodes, "zero": StatCodes (asymmetric
+    only)}, the second-level codes whose `values()` are exactly `scale` and `zero`."""
 
     codes: torch.Tensor
     scale: torch.Tensor
     zero: torch.Tensor
     scheme: QuantScheme
     outliers: torch.Tensor | None = None
+    stats: dict | None = None
 
     @property
     def shape(self) -> tuple[int, int]:

@@ -3,12 +3,19 @@ transformers loads through its compressed-tensors integration).
 
 Per quantized nn.Linear `name`: `name.weight_packed` int32 [out, ceil(in·bits/32)] (the codes as unsigned
 q = signed + 2^(bits-1), element i of a row at bits [i·bits, (i+1)·bits) of the row's little-endian bit stream),
-`name.weight_scale` [out, groups] in the model's dtype, and `name.weight_shape` int64 [2]. Symmetric codes only: sparseforge's symmetric grid is compressed-tensors' signed
-symmetric one (q - 2^(bits-1) in [-2^(bits-1), 2^(bits-1) - 1], no zero point), so codes and scales are written
-as they are; asymmetric checkpoints of this format do not load in transformers with compressed-tensors 0.20.1
-(see below), so they are refused. One config group per distinct scheme, its targets the module names;
-every other nn.Linear (the LM head included) is in `ignore` and stays in float, as do embeddings (rounded ones
-as their dequantized values). The packing matches the library's own `pack_to_int32` (tests/test_quant_export.py).
+`name.weight_scale` [out, groups] in the model's dtype, and `name.weight_shape` int64 [2]. sparseforge's symmetric
+grid is compressed-tensors' signed symmetric one (q - 2^(bits-1) in [-2^(bits-1), 2^(bits-1) - 1], no zero point),
+so codes and scales are written as they are. Asymmetric codes add `name.weight_zero_point`, the signed zero points
+z - 2^(bits-1) packed along the output dimension, exactly what the library's own compressor writes (tested); but
+transformers 5.24 with compressed-tensors 0.20.1 builds the module it loads them into with unpacked zero points
+[out, groups] and refuses the file's packed shape (llm-compressor issues #1618 and #1704), so the public entry
+refuses them unless `allow_asymmetric=True` (a test keeps checking that transformers still refuses).
+SpQR weights (outliers or second-level statistics) have no compressed-tensors form and stay float; sparse +
+quantized weights are written as their dense codes: compressed-tensors 0.20.1 ships no sparse compressor (only
+the `sparse-bitmask` / `sparse-24-bitmask` config classes) and vLLM removed its Sparse24 support (PR #36799).
+One config group per distinct scheme, its targets the module names; every other nn.Linear (the LM head
+included) is in `ignore` and stays in float, as do embeddings (rounded ones as their dequantized values). The
+packing matches the library's own `pack_to_int32` (tests/test_quant_export.py).
 """
 from __future__ import annotations
 
@@ -42,7 +49,7 @@ def _weights_args(qw: QuantizedWeight) -> dict:
             "observer_kwargs": {}, "block_structure": None}
 
 
-def export_compressed_tensors(model, directory, tokenizer=None, overwrite: bool = False) -> pathlib.Path:
+def export_compressed_tensors(model, directory, tokenizer=None, overwrite: bool = False, allow_asymmetric: bool = False) -> pathlib.Path:
     from safetensors.torch import save_file
 
     records = quantized_weights(model)
@@ -50,17 +57,17 @@ def export_compressed_tensors(model, directory, tokenizer=None, overwrite: bool 
     chosen = {}
     for name, module in linears.items():
         qw = records.get(f"{name}.weight")
-        if qw is not None and qw.outliers is None and torch.equal(qw.dequantize().to(module.weight.dtype), module.weight.data):
+        if qw is not None and qw.outliers is None and qw.stats is None and torch.equal(qw.dequantize().to(module.weight.dtype), module.weight.data):
             if qw.shape[1] % max(qw.scheme.group_size, 1):
                 raise UserInputError(f"{name}: input size {qw.shape[1]} is not a multiple of group_size {qw.scheme.group_size}, "
                                      "which compressed-tensors needs; re-quantize with a group size that divides it")
             chosen[name] = qw
     asym = [n for n, qw in chosen.items() if not qw.scheme.symmetric]
-    if asym:
+    if asym and not allow_asymmetric:
         # compressed-tensors 0.20.1 writes asymmetric zero points packed but builds the module it loads them into
         # with unpacked ones, so transformers refuses its own files' shapes; symmetric codes have no zero point.
-        raise UserInputError(f"{asym[0]} has asymmetric codes, which transformers cannot load from a compressed-tensors "
-                             "checkpoint (zero-point shape mismatch in compressed-tensors 0.20); re-quantize with symmetric: true")
+        raise UserInputError(f"{asym[0]} has asymmetric codes, which transformers 5.24 cannot load from a compressed-tensors "
+                             "checkpoint (it expects unpacked zero points; llm-compressor issue #1704); re-quantize with symmetric: true")
     if not chosen:
         raise UserInputError("this model has no quantized linear layers to export (run gptq, rtn or sparsegpt-gptq first, "
                              "or load a compact artifact); for a plain checkpoint use `sparseforge export --dense OUT`")
@@ -82,6 +89,8 @@ def export_compressed_tensors(model, directory, tokenizer=None, overwrite: bool 
             state[f"{module}.weight_packed"] = pack_int32(qw.codes, qw.scheme.bits)
             state[f"{module}.weight_scale"] = qw.scale.to(t.dtype).contiguous()
             state[f"{module}.weight_shape"] = torch.tensor(list(qw.shape), dtype=torch.int64)
+            if not qw.scheme.symmetric:  # unsigned zero points are the signed ones + 2^(bits-1), as codes are
+                state[f"{module}.weight_zero_point"] = pack_int32(qw.zero.to(torch.uint8).t().contiguous(), qw.scheme.bits).t().contiguous()
         else:
             state[key] = t.detach().cpu().contiguous()
     quant_config = {"quant_method": "compressed-tensors", "format": "pack-quantized", "quantization_status": "compressed",

@@ -1,2 +1,2 @@
 """Post-training weight sparsity; each module registers one method."""
-from sparseforge.methods.weights import dsnot, gptq, magnitude, owl, rtn, sparsegpt, sparsegpt_gptq, spqr, structured, wanda  # noqa: F401
+from sparseforge.methods.weights import dsnot, easyquant, gptq, magnitude, owl, rtn, sparsegpt, sparsegpt_gptq, spqr, structured, wanda  # noqa: F401
