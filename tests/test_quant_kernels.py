@@ -60,6 +60,9 @@ def test_unsupported_codes_have_no_kernel():
     assert kernel_for(_random_codes(32, 128, QuantScheme(3, True, 32))) is None
     assert kernel_for(_random_codes(24, 128, QuantScheme(4, True, 32))) is None  # rows not a multiple of 16
     assert kernel_for(_random_codes(32, 128, QuantScheme(8, True, 32))) is None  # int8 groups
+    # torch 2.13's int8 operator miscomputes some input widths that are not a multiple of 16 (100 at one token)
+    assert kernel_for(_random_codes(32, 100, QuantScheme(8, True, 0))) is None
+    assert kernel_for(_random_codes(32, 112, QuantScheme(8, True, 0))).name == "int8-weight"
     assert measure_gate(["32x128@w3g32"], [1], repeats=1, warmup=0).timings == {}
     with pytest.raises(UserInputError, match="scheme"):
         scheme_from_key("32x128@int4")

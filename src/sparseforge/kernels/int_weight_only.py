@@ -66,7 +66,10 @@ class Int8WeightOnly(WeightOnlyKernel):
     scheme = QuantScheme(8, True, 0)
 
     def accepts_quantized(self, qw):
-        return qw.scheme.bits == 8 and qw.scheme.group_size in (0, qw.shape[1]) and qw.outliers is None
+        # torch 2.13's CPU `_weight_int8pack_mm` returns wrong sums (or crashes) for some input widths that are not a
+        # multiple of 16 (e.g. 100 at one token, 24 at four), so those projections keep the dense product.
+        return (qw.scheme.bits == 8 and qw.scheme.group_size in (0, qw.shape[1]) and qw.outliers is None
+                and qw.shape[1] % 16 == 0)
 
     def pack(self, qw):
         signed = (qw.codes.to(torch.int16) - 128).to(torch.int8).contiguous()
