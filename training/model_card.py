@@ -4,7 +4,7 @@ Every figure on the card comes from this script: held-out perplexity and retriev
 same `sparseforge.eval` tasks and default settings that `sparseforge eval` uses, and an interpolated
 Kneser-Ney trigram baseline on the same tokens.
 
-Rerun: pip install -e '.[train]' && python training/model_card.py
+Rerun: pip install -e '.[reference-model]' && python training/model_card.py
 """
 from __future__ import annotations
 

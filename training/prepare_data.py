@@ -6,7 +6,7 @@ Writes into the package (so `pip install .` ships them):
   src/sparseforge/assets/reference-model/tokenizer.json (+ tokenizer_config.json)
 and the full training split to training/work/train.txt (not shipped).
 
-Rerun: pip install -e '.[train]' && python training/prepare_data.py
+Rerun: pip install -e '.[reference-model]' && python training/prepare_data.py
 """
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 """Train the bundled reference model: a small Llama (RMSNorm, SwiGLU, RoPE, grouped-query attention) on the
 Shakespeare training split, with synthetic passkey and key-value retrieval episodes mixed in.
 
-Rerun: pip install -e '.[train]' && python training/prepare_data.py && python training/train_reference.py
+Rerun: pip install -e '.[reference-model]' && python training/prepare_data.py && python training/train_reference.py
 Writes config.json, model.safetensors, generation_config.json and training_info.json into the bundled model
 directory (checkpointing there every --save-every steps), and a loss log to training/work/train_log.jsonl.
 """
