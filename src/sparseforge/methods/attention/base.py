@@ -337,13 +337,15 @@ def last_query_probs(q: torch.Tensor, k: torch.Tensor, scale: float, heads: torc
     window = min(window, L)
     kvh = kv_heads_of(heads, hq, k.shape[1])
     out = torch.empty(b, len(heads), window, L, dtype=torch.float32, device=q.device)
-    qpos = torch.arange(L - window, L, device=q.device)
-    future = torch.arange(L, device=q.device)[None, :] > qpos[:, None]
+    # Only the last `window` keys can lie in a last query's future.
+    future = torch.ones(window, window, dtype=torch.bool, device=q.device).triu(1)
     for g in torch.unique(kvh).tolist():
         rows = (kvh == g).nonzero().flatten()
-        ql = q[:, heads[rows], L - window:].float()
-        scores = ql @ k[:, g].float().transpose(-1, -2)[:, None] * scale
-        out[:, rows] = scores.masked_fill(future, float("-inf")).softmax(-1)
+        ql = q[:, heads[rows], L - window:].float()  # [b, r, w, d]
+        # One GEMM per KV head: the group's query rows stacked against that head's keys.
+        scores = (ql.reshape(b, -1, d) @ k[:, g].float().transpose(-1, -2)).view(b, len(rows), window, L) * scale
+        scores[..., L - window:].masked_fill_(future, float("-inf"))
+        out[:, rows] = scores.softmax(-1)
     return out
 
 
@@ -353,7 +355,8 @@ def pooled(x: torch.Tensor, block: int) -> torch.Tensor:
     b, h, L, d = x.shape
     n = num_blocks(L, block)
     pad = n * block - L
-    xs = torch.nn.functional.pad(x.float(), (0, 0, 0, pad)).view(b, h, n, block, d).sum(3)
+    x = x.float()
+    xs = (torch.nn.functional.pad(x, (0, 0, 0, pad)) if pad else x).view(b, h, n, block, d).sum(3)
     counts = torch.full((n,), float(block), device=x.device)
     counts[-1] = block - pad
     return xs / counts[:, None]

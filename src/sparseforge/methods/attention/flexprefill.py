@@ -46,7 +46,8 @@ def js_divergence(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
 
 def pooled_block_probs(q, k, scale, heads, block: int) -> torch.Tensor:
     """Softmax of block-mean queries against block-mean keys, causal at block level: `[b, h, n, n]`."""
-    qp = pooled(q[:, heads], block)  # [b, h, n, d]
+    every = len(heads) == q.shape[1] and bool((heads == torch.arange(q.shape[1], device=heads.device)).all())
+    qp = pooled(q if every else q[:, heads], block)  # [b, h, n, d]; no copy of q when every head is asked for
     kp = pooled(k, block)[:, kv_heads_of(heads, q.shape[1], k.shape[1])]
     s = qp @ kp.transpose(-1, -2) * scale
     n = s.shape[-1]
@@ -78,23 +79,25 @@ class FlexPrefill(SparsePrefill):
     def example_params(cls) -> dict:
         return {"block_size": 8, "gamma": 0.9, "gate": "always"}
 
-    def head_choice(self, q, k, scale, heads) -> tuple[torch.Tensor, torch.Tensor]:
-        """(query-aware per head `[b, h]` bool, the last block's real attention `[b, h, w, L]`)."""
+    def head_choice(self, q, k, scale, heads, estimate=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(query-aware per head `[b, h]` bool, the last block's real attention `[b, h, w, L]`); `estimate` is
+        `pooled_block_probs` when the caller has it."""
         bs = self.params.block_size
         L = q.shape[2]
         w = L - (num_blocks(L, bs) - 1) * bs  # the last (possibly short) query block
         probs = last_query_probs(q, k, scale, heads, w)
         n = num_blocks(L, bs)
         true = torch.nn.functional.pad(probs.mean(2), (0, n * bs - L)).view(*probs.shape[:2], n, bs).sum(-1)
-        estimate = pooled_block_probs(q, k, scale, heads, bs)[:, :, -1]
-        return js_divergence(true, estimate) < self.params.tau, probs
+        if estimate is None:
+            estimate = pooled_block_probs(q, k, scale, heads, bs)
+        return js_divergence(true, estimate[:, :, -1]) < self.params.tau, probs
 
     def select(self, q, k, scale, heads, index):
         p = self.params
         L, bs = q.shape[2], p.block_size
-        aware, probs = self.head_choice(q, k, scale, heads)
-        self.query_aware[index] = aware[0].tolist()
         est = pooled_block_probs(q, k, scale, heads, bs)  # [b, h, n, n]
+        aware, probs = self.head_choice(q, k, scale, heads, est)
+        self.query_aware[index] = aware[0].tolist()
         blocks = cumulative_mask(est, p.gamma, p.min_blocks)
         col, diag = line_scores(probs, bs, L)
         columns = cumulative_mask(col / col.sum(-1, keepdim=True), p.gamma)
