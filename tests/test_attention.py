@@ -412,3 +412,14 @@ def test_prefill_pattern_composes_with_press_and_quest():
     for s in reversed(stages):
         s.detach(model)
     assert torch.equal(_generate(model, ids), before)
+
+
+def test_search_choice_rule():
+    from sparseforge.methods.attention.search import choose
+
+    # one layer, three candidates, three heads
+    coverage = torch.tensor([[[0.96, 0.80, 0.70], [0.99, 0.97, 0.75], [0.90, 0.85, 0.80]]])
+    density = torch.tensor([[[0.20, 0.20, 0.20], [0.60, 0.60, 0.60], [0.40, 0.40, 0.40]]])
+    assert choose(coverage, density, 0.95).tolist() == [[0, 1, -1]]  # cheapest covering; none covers: dense
+    # capped at 0.5: head 1's covering candidate is too dense, it takes the best-covering one that fits
+    assert choose(coverage, density, 0.95, max_density=0.5).tolist() == [[0, 2, 2]]

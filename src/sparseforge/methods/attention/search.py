@@ -30,6 +30,7 @@ DEFAULT_CANDIDATES = [
 @dataclasses.dataclass
 class SearchParams(PrefillParams):
     target: float = param(0.95, "share of each head's dense attention mass its chosen pattern must cover on the calibration text")
+    max_density: float = param(1.0, "highest density (share of causal blocks) a head's pattern may have on the calibration text; heads no candidate covers within it take the best-covering one that fits")
     candidates: list = param(DEFAULT_CANDIDATES, "patterns tried per head, 'method:key=value,...' (block_size and gate come from this stage)")
 
 
@@ -86,6 +87,7 @@ class MInferenceSearch(SparsePrefill):
     def validate(cls, params, where: str = "") -> None:
         super().validate(params, where)
         check_fraction(params.target, prefix(where), "target")
+        check_fraction(params.max_density, prefix(where), "max_density")
         if not params.candidates:
             raise UserInputError(f"{prefix(where)}candidates must list at least one pattern")
         for text in params.candidates:
@@ -125,10 +127,7 @@ class MInferenceSearch(SparsePrefill):
             probe.detach(model)
         coverage = (probe.coverage / probe.batches[:, None, None].clamp(min=1)).float()
         density = (probe.density / probe.batches[:, None, None].clamp(min=1)).float()
-        ok = coverage >= self.params.target
-        cost = torch.where(ok, density, torch.full_like(density, float("inf")))
-        best = cost.argmin(1)  # [layers, heads]
-        choice = torch.where(ok.any(1), best, torch.full_like(best, DENSE))
+        choice = choose(coverage, density, self.params.target, self.params.max_density)
         gate = super().calibrate(model, context).data["gate"]
         return RuntimeState(
             tensors={"choice": choice.to(torch.int64)},
@@ -166,6 +165,20 @@ class MInferenceSearch(SparsePrefill):
                 counts[text] = int((choice == c).sum())
             out["heads_per_pattern"] = counts
         return out
+
+
+def choose(coverage: torch.Tensor, density: torch.Tensor, target: float, max_density: float = 1.0) -> torch.Tensor:
+    """Per layer and head (`[layers, candidates, heads]` inputs), the candidate index: the lowest density among those
+    covering `target` within `max_density`; else the best-covering one within `max_density`; else dense (-1)."""
+    inf = torch.full_like(density, float("inf"))
+    fits = density <= max_density
+    ok = (coverage >= target) & fits
+    cheapest = torch.where(ok, density, inf).argmin(1)
+    best_fit = torch.where(fits, coverage, -inf).argmax(1)
+    fallback = torch.where(fits.any(1), best_fit, torch.full_like(best_fit, DENSE))
+    if max_density >= 1.0:
+        fallback = torch.full_like(best_fit, DENSE)  # no cap: a head nothing covers stays dense
+    return torch.where(ok.any(1), cheapest, fallback)
 
 
 def _table(values: torch.Tensor, choice: torch.Tensor) -> list[list[float]]:
