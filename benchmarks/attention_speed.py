@@ -57,9 +57,14 @@ def tuned(name, key_fn, q, k, scale, target):
     return best
 
 
+SYNC = lambda: None  # noqa: E731  (torch.cuda.synchronize on a GPU, so a time covers the kernels it launched)
+
+
 def timed(fn):
+    SYNC()
     t = time.perf_counter()
     out = fn()
+    SYNC()
     return out, time.perf_counter() - t
 
 
@@ -68,18 +73,24 @@ def main() -> None:
     ap.add_argument("--lengths", type=int, nargs="+", default=[1024, 2048, 4096, 8192, 16384, 32768])
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", default="attention_speed")
+    ap.add_argument("--device", default="cpu", help="cpu, or cuda (bfloat16, FlexAttention through Triton; add 65536 to --lengths)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    global SYNC
+    dtype = torch.float32
+    if args.device.startswith("cuda"):
+        SYNC, dtype = torch.cuda.synchronize, torch.bfloat16
     warnings.filterwarnings("ignore")
     env = machine(args.threads)
+    env["device"] = args.device
+    if args.device.startswith("cuda"):
+        env["gpu"] = torch.cuda.get_device_name()
     env["load_average_start"] = os.getloadavg()
     scale = DIM**-0.5
     rows = []
     for L in args.lengths:
         g = torch.Generator().manual_seed(L)
-        q = torch.randn(1, HEADS, L, DIM, generator=g)
-        k = torch.randn(1, KV_HEADS, L, DIM, generator=g)
-        v = torch.randn(1, KV_HEADS, L, DIM, generator=g)
+        q, k, v = (torch.randn(1, h, L, DIM, generator=g).to(args.device, dtype) for h in (HEADS, KV_HEADS, KV_HEADS))
         variants = {}
         for target in (0.1, 0.2, 0.3) if L <= SHORT else (0.1,):
             m, d, b = tuned("ashape", lambda t: {"sinks": BLOCK, "window": t}, q, k, scale, target)
@@ -131,7 +142,7 @@ def main() -> None:
         wins = [r["length"] for r in rows if r["variant"] == variant and r["kernel"] == "flex" and r["speedup"] > 1]
         crossover[variant] = min(wins) if wins else None
     doc = {"benchmark": "attention_speed", "machine": env, "shape": {"q_heads": HEADS, "kv_heads": KV_HEADS, "head_dim": DIM,
-           "block": BLOCK, "dtype": "float32"}, "rows": rows, "crossover_flex": crossover}
+           "block": BLOCK, "dtype": str(dtype).replace("torch.", "")}, "rows": rows, "crossover_flex": crossover}
     write(args.out, doc, markdown(doc))
     print(markdown(doc))
 

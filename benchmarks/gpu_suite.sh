@@ -14,5 +14,8 @@ python -m pytest -q tests/test_sparse_kernels.py || tests_ok=1  # measure anyway
 python benchmarks/semi_structured_speed.py
 python benchmarks/prune_7b_layer.py --device cuda
 python benchmarks/structured_speed.py --devices cuda --out-dir benchmarks/results/gpu  # keeps the CPU table of this repo
+# Sparse attention (issue 13): GPU tests of the FlexAttention path, then one Llama-3-8B attention layer 4K-64K.
+python -m pytest -q tests/test_attention.py || tests_ok=1
+python benchmarks/attention_speed.py --device cuda --lengths 4096 8192 16384 32768 65536 --out attention_speed_gpu
 if [ -n "${OUT:-}" ]; then mkdir -p "$OUT" && cp -r benchmarks/results "$OUT/"; fi
 exit $tests_ok

@@ -11,6 +11,7 @@ the chosen blocks, so a block above the diagonal contributes nothing and the dia
 from __future__ import annotations
 
 import dataclasses
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -196,7 +197,20 @@ def block_sparse_attention(q, k, v, selection: BlockSelection, scale: float | No
         raise UserInputError(f"unknown block-sparse attention kernel '{kernel}'; choose one of {', '.join(KERNELS)}")
     if q.shape[2] != k.shape[2] or q.shape[2] != selection.length:
         raise ValueError("block-sparse attention needs queries and keys of the selection's length (a prefill)")
-    return KERNELS[kernel](q, k, v, selection, scale)
+    if kernel == "flex" and _FLEX_BROKEN.get(q.device.type):
+        kernel = "gather"
+    try:
+        return KERNELS[kernel](q, k, v, selection, scale)
+    except Exception as exc:  # noqa: BLE001 - torch.compile failures come in many types (no C++ compiler, Triton)
+        if kernel != "flex":
+            raise
+        # FlexAttention must be compiled to skip blocks; where compiling fails the gather computes the same.
+        _FLEX_BROKEN[q.device.type] = True
+        warnings.warn(f"FlexAttention could not be compiled on {q.device.type} ({type(exc).__name__}); using the gather kernel")
+        return gather_attention(q, k, v, selection, scale)
+
+
+_FLEX_BROKEN: dict[str, bool] = {}
 
 
 # ----------------------------------------------------------------------------- speed gate
