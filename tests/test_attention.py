@@ -45,6 +45,14 @@ def test_gather_equals_dense_on_its_blocks(L, hq, hkv, block):
     torch.testing.assert_close(out, dense_reference(q, k, v, sel), atol=2e-6, rtol=1e-5)
 
 
+def test_masked_equals_dense_on_its_blocks():
+    from sparseforge.kernels.block_sparse_attention import masked_attention
+
+    q, k, v = random_qkv(77)
+    sel = random_selection(1, 4, 77, 8, 0.4, seed=2)
+    torch.testing.assert_close(masked_attention(q, k, v, sel), dense_reference(q, k, v, sel), atol=2e-6, rtol=1e-5)
+
+
 def test_full_selection_equals_causal_sdpa():
     q, k, v = random_qkv(50)
     n = -(-50 // 8)

@@ -224,7 +224,7 @@ class SparseAttention(RuntimeMethod):
 class PrefillParams:
     block_size: int = param(64, "tokens per query and key block (the unit of selection)")
     gate: str = param("auto", "auto: sparse only from the measured crossover length and density on (else SDPA); always: sparse at every length (quality measurements)", ("auto", "always"))
-    kernel: str = param("gather", "block-sparse kernel: gather (chosen key blocks into SDPA, the faster on CPU) or flex (FlexAttention)", ("gather", "flex"))
+    kernel: str = param("gather", "block-sparse kernel: gather (chosen key blocks into SDPA; no compiler), flex (compiled FlexAttention), masked (the selection as a dense mask: measurements only, never faster)", ("gather", "flex", "masked"))
 
 
 def check_int(value, where: str, name: str, minimum: int = 1) -> None:
