@@ -118,10 +118,10 @@ def densities_seen(method) -> float | None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--per-cell", type=int, default=20, help="episodes per (length, depth) for dense and the search")
-    ap.add_argument("--others-per-cell", type=int, default=4, help="episodes per cell for the other patterns")
+    ap.add_argument("--others-per-cell", type=int, default=2, help="episodes per cell for the other patterns")
     ap.add_argument("--search-target", type=float, default=0.95)
     ap.add_argument("--search-max-density", type=float, default=0.5, help="per-head density cap of the search (0.5: skip half the blocks)")
-    ap.add_argument("--ppl-tokens", type=int, default=16384)
+    ap.add_argument("--ppl-tokens", type=int, default=8192)
     ap.add_argument("--no-composition", action="store_true")
     ap.add_argument("--out", default="attention_quality")
     ap.add_argument("--smoke", action="store_true", help="one length, one depth, one episode: checks the script runs")
@@ -188,7 +188,7 @@ def compose(model, tokenizer, state, args) -> dict:
     combos = {"sparsegpt-50": ["sparsegpt-50"], "snapkv-75": ["snapkv-75"], "search": ["search"],
               "search + snapkv-75 + sparsegpt-50": ["sparsegpt-50", "search", "snapkv-75"]}
     out = {}
-    calib = CalibrationConfig(samples=1 if args.smoke else 8, seq_len=2048)
+    calib = CalibrationConfig(samples=1 if args.smoke else 4, seq_len=2048)
     for label, names in combos.items():
         recipe = Recipe(label, [stage[n] for n in names], calib)
         compressed, _ = sparseforge.compress(model, recipe, tokenizer, progress=False)

@@ -18,6 +18,8 @@ from tiny_models import ARCHITECTURES, tiny_model
 
 def make(name, **params):
     cls = get_method(name)
+    if name != "quest" and name != "snapkv":
+        params.setdefault("kernel", "gather")  # no compile in the default run (flex: test_flex_* below)
     return cls(cls.parse_params(params))
 
 
@@ -431,3 +433,11 @@ def test_search_choice_rule():
     assert choose(coverage, density, 0.95).tolist() == [[0, 1, -1]]  # cheapest covering; none covers: dense
     # capped at 0.5: head 1's covering candidate is too dense, it takes the best-covering one that fits
     assert choose(coverage, density, 0.95, max_density=0.5).tolist() == [[0, 2, 2]]
+
+
+def test_gate_tables_follow_the_measured_kernel():
+    flex, gather = make("ashape", kernel="flex"), make("ashape", kernel="gather")
+    assert flex.gate.sparse_wins(2048, 0.1) and not flex.gate.sparse_wins(512, 0.1)
+    assert not flex.gate.sparse_wins(32768, 0.5)  # denser than anything measured: dense
+    assert not any(gather.gate.sparse_wins(L, 0.05) for L in (1024, 32768))  # gather never beat SDPA: always dense
+    assert make("ashape").params.kernel == "gather" and get_method("ashape").Params().kernel == "flex"

@@ -167,13 +167,18 @@ def _flex_block_mask(selection: BlockSelection, heads: int, device):
 
 
 _COMPILED_FLEX = {}
+# torch.compile's default (None): the first length compiles a static kernel, a second length one dynamic kernel that
+# serves every later length (no recompile per prompt length, so the recompile limit - past which FlexAttention
+# would silently run eager and dense - is never reached). benchmarks/attention_speed.py sets False (a static
+# kernel per length, what its table measured).
+FLEX_DYNAMIC: bool | None = None
 
 
 def flex_attention(q, k, v, selection: BlockSelection, scale: float | None = None, compiled: bool = True) -> torch.Tensor:
     """Block-sparse attention through `torch.nn.attention.flex_attention` with a `BlockMask` built by
     `BlockMask.from_kv_blocks` from the block indices (diagonal blocks partial with the causal mask_mod, the
-    others full). Compiled by default (eager FlexAttention computes every score); the first call per shape
-    compiles."""
+    others full). Compiled by default: eager FlexAttention evaluates only the mask_mod on every score and ignores
+    the block lists (plain causal attention), so it is never used for sparse work."""
     from torch.nn.attention.flex_attention import flex_attention as flex
 
     b, hq, L, d = q.shape
@@ -182,9 +187,10 @@ def flex_attention(q, k, v, selection: BlockSelection, scale: float | None = Non
     mask = _flex_block_mask(selection, hq, q.device)
     fn = flex
     if compiled:
-        fn = _COMPILED_FLEX.get(q.device.type)
+        key = (q.device.type, FLEX_DYNAMIC)
+        fn = _COMPILED_FLEX.get(key)
         if fn is None:
-            fn = _COMPILED_FLEX[q.device.type] = torch.compile(flex, dynamic=False)
+            fn = _COMPILED_FLEX[key] = torch.compile(flex, dynamic=FLEX_DYNAMIC)
     out = fn(qp, kp, vp, block_mask=mask, scale=scale, enable_gqa=hq != k.shape[1])
     return out[:, :, :L]
 
@@ -226,11 +232,21 @@ _FLEX_BROKEN: dict[str, bool] = {}
 
 # ----------------------------------------------------------------------------- speed gate
 
-# Sequence length from which the sparse path beats dense SDPA, per density, measured by
-# benchmarks/attention_speed.py (benchmarks/results/attention_speed.json) on the CPU named there with
-# Llama-3-8B attention shapes, index building included. Between measured densities the larger crossover of the
-# two neighbours is used; above the largest measured density the gate always says dense.
-CPU_CROSSOVER: dict[float, int] = {0.1: 4096, 0.2: 8192, 0.3: 16384}
+# Sequence length from which the sparse path beats dense SDPA, per (device, kernel) and density, measured by
+# benchmarks/attention_speed.py (benchmarks/results/attention_speed.json: Llama-3-8B attention shapes, index
+# building included, one thread). FlexAttention won at every benchmarked length from 1024 tokens (the shortest
+# measured) at densities up to 0.3; the gather kernel lost to SDPA at 1K, 4K and 8K, so its table is empty (the
+# gate always says dense for it), as is the masked one (never faster) and every device not measured yet.
+# Between measured densities the next larger one's crossover is used; above the largest the gate says dense.
+CROSSOVER: dict[tuple[str, str], dict[float, int]] = {
+    ("cpu", "flex"): {0.1: 1024, 0.2: 1024, 0.3: 1024},
+    ("cpu", "gather"): {},
+    ("cpu", "masked"): {},
+}
+
+
+def crossover_table(device: str, kernel: str) -> dict[float, int]:
+    return dict(CROSSOVER.get((device, kernel), {}))
 
 
 @dataclasses.dataclass
@@ -238,7 +254,7 @@ class AttentionGate:
     """Chooses sparse or dense per (sequence length, density). `min_tokens` short-circuits: below it the gate says
     dense without building any index. `crossover` maps density -> first length where sparse wins."""
 
-    crossover: dict[float, int] = dataclasses.field(default_factory=lambda: dict(CPU_CROSSOVER))
+    crossover: dict[float, int] = dataclasses.field(default_factory=lambda: crossover_table("cpu", "flex"))
 
     def min_tokens(self) -> int:
         return min(self.crossover.values()) if self.crossover else 1 << 62
@@ -265,4 +281,4 @@ def attention_flops(length: int, q_heads: int, head_dim: int, density: float = 1
 
 
 __all__ = ["BlockSelection", "AttentionGate", "block_sparse_attention", "dense_reference", "gather_attention",
-           "flex_attention", "masked_attention", "union", "num_blocks", "attention_flops", "CPU_CROSSOVER", "KERNELS"]
+           "flex_attention", "masked_attention", "union", "num_blocks", "attention_flops", "CROSSOVER", "crossover_table", "KERNELS"]

@@ -50,7 +50,7 @@ class AShape(SparsePrefill):
 
     @classmethod
     def example_params(cls) -> dict:
-        return {"block_size": 8, "sinks": 4, "window": 8, "gate": "always"}
+        return {"block_size": 8, "sinks": 4, "window": 8, "gate": "always", "kernel": "gather"}
 
     def select(self, q, k, scale, heads, index):
         p = self.params

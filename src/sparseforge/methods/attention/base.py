@@ -34,7 +34,7 @@ from torch import nn
 from sparseforge.core.adapter import ModelAdapter
 from sparseforge.errors import UserInputError
 from sparseforge.kernels.block_sparse_attention import (AttentionGate, BlockSelection, block_sparse_attention,
-                                                         num_blocks)
+                                                         crossover_table, num_blocks)
 from sparseforge.methods.base import RuntimeMethod, RuntimeState, param
 
 try:
@@ -224,7 +224,7 @@ class SparseAttention(RuntimeMethod):
 class PrefillParams:
     block_size: int = param(64, "tokens per query and key block (the unit of selection)")
     gate: str = param("auto", "auto: sparse only from the measured crossover length and density on (else SDPA); always: sparse at every length (quality measurements)", ("auto", "always"))
-    kernel: str = param("gather", "block-sparse kernel: gather (chosen key blocks into SDPA; no compiler), flex (compiled FlexAttention), masked (the selection as a dense mask: measurements only, never faster)", ("gather", "flex", "masked"))
+    kernel: str = param("flex", "block-sparse kernel: gather (chosen key blocks into SDPA; no compiler), flex (compiled FlexAttention: the faster on CPU, the only one the gate sends work to), masked (the selection as a dense mask: measurements only, never faster)", ("gather", "flex", "masked"))
 
 
 def check_int(value, where: str, name: str, minimum: int = 1) -> None:
@@ -252,7 +252,7 @@ class SparsePrefill(SparseAttention):
 
     def __init__(self, params=None):
         super().__init__(params)
-        self.gate = AttentionGate()
+        self.gate = AttentionGate(crossover_table("cpu", self.params.kernel))  # saved in the state by calibrate
         self.stats: dict[int, dict[str, float]] = {}  # per layer: density and path of the last prefill
         self.record = True
 
@@ -279,12 +279,14 @@ class SparsePrefill(SparseAttention):
     def run_prefill(self, module, index: int, q, k, v, scale):
         length = q.shape[2]
         forced = self.params.gate == "always"
-        if not forced and length < self.gate.min_tokens():
+        # The saved table was measured on CPU; other devices use theirs (none measured yet: dense).
+        gate = self.gate if q.device.type == "cpu" else AttentionGate(crossover_table(q.device.type, self.params.kernel))
+        if not forced and length < gate.min_tokens():
             self._note(index, length, None, "sdpa")
             return None
         sel = self.selection(q, k, scale, index)
         density = sel.density()
-        if not forced and not self.gate.sparse_wins(length, density):
+        if not forced and not gate.sparse_wins(length, density):
             self._note(index, length, density, "sdpa")
             return None
         self._note(index, length, density, "sparse")

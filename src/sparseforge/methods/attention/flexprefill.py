@@ -77,7 +77,7 @@ class FlexPrefill(SparsePrefill):
 
     @classmethod
     def example_params(cls) -> dict:
-        return {"block_size": 8, "gamma": 0.9, "gate": "always"}
+        return {"block_size": 8, "gamma": 0.9, "gate": "always", "kernel": "gather"}
 
     def head_choice(self, q, k, scale, heads, estimate=None) -> tuple[torch.Tensor, torch.Tensor]:
         """(query-aware per head `[b, h]` bool, the last block's real attention `[b, h, w, L]`); `estimate` is

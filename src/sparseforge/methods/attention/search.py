@@ -95,7 +95,7 @@ class MInferenceSearch(SparsePrefill):
 
     @classmethod
     def example_params(cls) -> dict:
-        return {"block_size": 8, "gate": "always", "target": 0.9,
+        return {"block_size": 8, "gate": "always", "kernel": "gather", "target": 0.9,
                 "candidates": ["ashape:sinks=8,window=8", "vertical-slash:last_queries=8,vertical=8,slash=8"]}
 
     def candidates(self) -> list[SparsePrefill]:

@@ -63,7 +63,7 @@ class VerticalSlash(SparsePrefill):
 
     @classmethod
     def example_params(cls) -> dict:
-        return {"block_size": 8, "last_queries": 8, "vertical": 8, "slash": 8, "gate": "always"}
+        return {"block_size": 8, "last_queries": 8, "vertical": 8, "slash": 8, "gate": "always", "kernel": "gather"}
 
     def select(self, q, k, scale, heads, index):
         p = self.params
