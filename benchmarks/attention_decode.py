@@ -42,7 +42,7 @@ def main() -> None:
         k = torch.randn(1, KV_HEADS, L + args.steps + 2, DIM, generator=g)
         v = torch.randn(1, KV_HEADS, L + args.steps + 2, DIM, generator=g)
         cls = get_method("quest")
-        quest = cls(cls.parse_params({"page_size": args.page_size, "token_budget": args.budget}))
+        quest = cls(cls.parse_params({"page_size": args.page_size, "token_budget": args.budget, "gate": "always"}))
         dense_t, quest_t = [], []
         for step in range(args.steps + 2):
             S = L + step

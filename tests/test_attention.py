@@ -18,7 +18,9 @@ from tiny_models import ARCHITECTURES, tiny_model
 
 def make(name, **params):
     cls = get_method(name)
-    if name != "quest" and name != "snapkv":
+    if name == "quest":
+        params.setdefault("gate", "always")  # Quest's CPU gate says dense (measured slower): force it to test it
+    elif name != "snapkv":
         params.setdefault("kernel", "gather")  # no compile in the default run (flex: test_flex_* below)
     return cls(cls.parse_params(params))
 
@@ -441,3 +443,9 @@ def test_gate_tables_follow_the_measured_kernel():
     assert not flex.gate.sparse_wins(32768, 0.5)  # denser than anything measured: dense
     assert not any(gather.gate.sparse_wins(L, 0.05) for L in (1024, 32768))  # gather never beat SDPA: always dense
     assert make("ashape").params.kernel == "gather" and get_method("ashape").Params().kernel == "flex"
+
+
+def test_quest_gate_runs_dense_where_it_was_measured_slower():
+    quest = make("quest", page_size=4, token_budget=12, gate="auto")
+    q, k = torch.randn(1, 4, 1, 8), torch.randn(1, 2, 64, 8)
+    assert quest.run_decode(None, 0, q, k, k, 1.0) is None and quest.steps["dense"] == 1

@@ -21,6 +21,12 @@ from sparseforge.methods.base import param, register
 class QuestParams:
     page_size: int = param(16, "tokens per page (the unit of selection)")
     token_budget: int = param(512, "tokens each query head attends per decode step (whole pages); caches up to this size run dense")
+    gate: str = param("auto", "auto: Quest only from the cache length where it was measured faster than SDPA on this device (none on CPU: dense); always: every step past the budget", ("auto", "always"))
+
+
+# First cache length where a Quest step beat SDPA, per device (benchmarks/results/attention_decode.md). On CPU it
+# lost at every length measured (the page bounds, checks and gathers cost more than the dense step), so none.
+CROSSOVER: dict[str, int] = {}
 
 
 @dataclasses.dataclass
@@ -57,7 +63,7 @@ class Quest(SparseDecode):
 
     @classmethod
     def example_params(cls) -> dict:
-        return {"page_size": 4, "token_budget": 12}
+        return {"page_size": 4, "token_budget": 12, "gate": "always"}
 
     def detach(self, model) -> None:
         super().detach(model)
@@ -108,7 +114,8 @@ class Quest(SparseDecode):
         ps = self.params.page_size
         b, hq, _, d = q.shape
         hkv, S = k.shape[1], k.shape[2]
-        if S <= self.params.token_budget:
+        start = CROSSOVER.get(q.device.type) if self.params.gate == "auto" else 0
+        if S <= self.params.token_budget or start is None or S < start:
             self.steps["dense"] += 1
             return None
         self.steps["sparse"] += 1
@@ -127,4 +134,4 @@ class Quest(SparseDecode):
         return scores.softmax(-1) @ values
 
     def report(self, state) -> dict:
-        return {"slot": self.slot, "page_size": self.params.page_size, "token_budget": self.params.token_budget}
+        return {"slot": self.slot, "page_size": self.params.page_size, "token_budget": self.params.token_budget, "gate": self.params.gate}
