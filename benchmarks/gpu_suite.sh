@@ -19,5 +19,8 @@ python benchmarks/structured_speed.py --devices cuda --out-dir benchmarks/result
 python -c "import triton" 2>/dev/null || pip install --quiet 'triton>=3.0'
 python -m pytest -q tests/test_activation_triton.py || tests_ok=1
 python benchmarks/activation_triton.py
+# Sparse attention (issue 13): GPU tests of the FlexAttention path, then one Llama-3-8B attention layer 4K-64K.
+python -m pytest -q tests/test_attention.py || tests_ok=1
+python benchmarks/attention_speed.py --device cuda --lengths 4096 8192 16384 32768 65536 --out attention_speed_gpu
 if [ -n "${OUT:-}" ]; then mkdir -p "$OUT" && cp -r benchmarks/results "$OUT/"; fi
 exit $tests_ok

@@ -46,6 +46,8 @@ except ImportError as exc:  # pragma: no cover - transformers 5 is a dependency
     raise ImportError("sparseforge.methods.kv needs transformers >= 5 (Cache layers, AttentionInterface)") from exc
 
 ATTENTION_PREFIX = "sparseforge_kv:"
+# The sparse-attention family's implementation (methods/attention): a press attached after it wraps it like sdpa.
+ATTENTION_IMPL = "sparseforge_attn:sdpa"
 # Attributes on the model that say which press is attached (read by eval and generate).
 _MODEL_ATTR = "_sparseforge_kv_press"
 
@@ -432,7 +434,7 @@ class KVPress(RuntimeMethod):
             raise UserInputError(f"found no attention modules in {type(model).__name__}; KV presses need them")
         configs = _configs(model)
         inner = _inner_name(modules[0])
-        if inner not in ("sdpa", "eager"):
+        if inner not in ("sdpa", "eager", ATTENTION_IMPL):
             raise UserInputError(
                 f"KV presses run on 'sdpa' or 'eager' attention, the model uses '{inner}'; load it with "
                 "attn_implementation='sdpa'"

@@ -1,0 +1,57 @@
+"""A-shape (StreamingLLM's pattern as prefill sparsity, MInference's "A-shape" heads): every query block attends
+the first `sinks` tokens' blocks and the blocks of its last `window` tokens. Static: no index estimation."""
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from sparseforge.kernels.block_sparse_attention import BlockSelection, num_blocks
+from sparseforge.methods.attention.base import PrefillParams, SparsePrefill, check_int, prefix
+from sparseforge.methods.base import param, register
+
+
+@dataclasses.dataclass
+class AShapeParams(PrefillParams):
+    sinks: int = param(64, "first tokens every query attends (rounded up to whole blocks)")
+    window: int = param(4096, "most recent tokens each query attends, its own block included (rounded up to whole blocks)")
+
+
+def ashape_selection(batch: int, heads: int, length: int, block: int, sinks: int, window: int, device) -> BlockSelection:
+    n = num_blocks(length, block)
+    sink_blocks = min(n, num_blocks(sinks, block)) if sinks > 0 else 0
+    window_blocks = max(1, num_blocks(window, block))
+    width = min(n, sink_blocks + window_blocks)
+    i = torch.arange(n, device=device)[:, None]
+    # Local blocks i - window_blocks + 1 .. i, then the sink blocks that lie before the local band.
+    local = i - torch.arange(window_blocks - 1, -1, -1, device=device)[None, :]
+    sink = torch.arange(sink_blocks, device=device)[None, :].expand(n, -1)
+    sink_ok = sink < (i - window_blocks + 1)
+    local_ok = local >= 0
+    cand = torch.cat([sink, local], 1)
+    ok = torch.cat([sink_ok, local_ok], 1)
+    order = torch.argsort((~ok).to(torch.int8), dim=1, stable=True)[:, :width]
+    index = cand.gather(1, order).clamp(min=0)
+    count = ok.sum(1)
+    return BlockSelection(index.expand(batch, heads, n, width).contiguous(), count.expand(batch, heads, n).contiguous(), block, length)
+
+
+@register
+class AShape(SparsePrefill):
+    name = "ashape"
+    summary = "prefill attends attention sinks plus a local window of blocks (A-shape, static)"
+    Params = AShapeParams
+
+    @classmethod
+    def validate(cls, params, where: str = "") -> None:
+        super().validate(params, where)
+        check_int(params.sinks, prefix(where), "sinks", minimum=0)
+        check_int(params.window, prefix(where), "window", minimum=1)
+
+    @classmethod
+    def example_params(cls) -> dict:
+        return {"block_size": 8, "sinks": 4, "window": 8, "gate": "always", "kernel": "gather"}
+
+    def select(self, q, k, scale, heads, index):
+        p = self.params
+        return ashape_selection(q.shape[0], len(heads), q.shape[2], p.block_size, p.sinks, p.window, q.device)
