@@ -301,7 +301,8 @@ def _html_report(directory: pathlib.Path, dense_doc: dict, comp_doc: dict, recip
     """`run`'s report.html (plots under plots/): its two documents as records of the results store."""
     from sparseforge.eval.report import write_report
 
-    records = [{**dense_doc, "recipe": None, "stages": []}, {**comp_doc, "recipe": recipe.name, "stages": report["stages"]}]
+    records = [{**dense_doc, "recipe": None, "stages": []},
+               {**comp_doc, "recipe": recipe.name, "stages": report["stages"], "recipe_spec": recipe.to_dict()}]
     for r in records:
         r["model"] = dense_doc["model"]  # one model, so the compressed record is compared with this dense one
     write_report(records, directory, title=f"sparseforge run: {recipe.name}")

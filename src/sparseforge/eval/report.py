@@ -69,8 +69,15 @@ def families(record: dict) -> list[str]:
 
 
 def method_of(record: dict) -> str:
-    """The methods of a record's stages joined by '+' ('dense' without stages): the curve a point belongs to."""
-    return "+".join(s.get("method", "?") for s in record.get("stages") or []) or "dense"
+    """The curve a record belongs to: its stages' methods joined by '+', each with its non-numeric parameters
+    (a pattern such as 2:4 makes another curve; the numeric knobs, sparsity or ratio, move along it)."""
+    parts = []
+    spec = {i: s for i, s in enumerate((record.get("recipe_spec") or {}).get("stages") or [])}
+    for i, stage in enumerate(record.get("stages") or []):
+        params = (spec.get(i) or {}).get("params") or {}
+        fixed = ",".join(f"{k}={v}" for k, v in sorted(params.items()) if isinstance(v, str))
+        parts.append(stage.get("method", "?") + (f"({fixed})" if fixed else ""))
+    return "+".join(parts) or "dense"
 
 
 def _group(record: dict) -> str:
@@ -247,7 +254,9 @@ def curves_plot(records, name, x_key, x_label, y_key) -> Plot | None:
     dense = [r for r in records if r.get("recipe") is None and _num(r["metrics"].get(y_key))]
     by_method: dict[str, list] = {}
     for r in records:
-        if r.get("recipe") is not None and _num(r["metrics"].get(x_key)) and _num(r["metrics"].get(y_key)):
+        x = r["metrics"].get(x_key)
+        # A record at the dense x (a KV method's weight sparsity 0) has no place on this curve.
+        if r.get("recipe") is not None and _num(x) and x != _dense_x(x_key) and _num(r["metrics"].get(y_key)):
             by_method.setdefault(method_of(r), []).append(r)
     if not by_method:
         return None
@@ -365,7 +374,8 @@ def _table_html(records, keys) -> str:
     for k in keys:
         values = [r["metrics"].get(k) for r in records]
         nums = [v for v in values if _num(v)]
-        best = (min(nums) if better.get(k) == "low" else max(nums)) if nums and better.get(k) and len(nums) > 1 else None
+        distinct = len(set(nums)) > 1  # all equal: nothing is best
+        best = (min(nums) if better.get(k) == "low" else max(nums)) if distinct and better.get(k) else None
         cells = []
         for v in values:
             text = html.escape(_fmt(v, fmts.get(k, "{:.4g}" if _num(v) else "{}")))
@@ -388,7 +398,7 @@ def _environments(records) -> list[dict]:
 _CSS = """body{font-family:system-ui,sans-serif;margin:2em;max-width:1200px;color:#222}
 table{border-collapse:collapse;font-size:13px;margin:1em 0}th,td{border:1px solid #ccc;padding:3px 7px;text-align:right}
 thead th{background:#f2f2f2;text-align:center}tbody th{text-align:left;font-weight:normal}td.best{font-weight:bold;background:#e8f4e8}
-figure{display:inline-block;margin:0.6em;vertical-align:top}figure svg{max-width:100%;height:auto}figcaption{font-size:12px;color:#555}
+figure{display:inline-block;margin:0.6em;vertical-align:top;width:560px}figure svg{width:100%;height:auto}figcaption{font-size:12px;color:#555}
 details{margin:1em 0}code{background:#f4f4f4;padding:1px 4px}"""
 
 

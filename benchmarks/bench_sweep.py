@@ -1,0 +1,50 @@
+"""`sparseforge bench` on the bundled model over recipes of four families (weights, quantization, KV cache,
+activations): the sweep finishes, and its store, report and exports are the figures of docs/report.md.
+Writes benchmarks/results/bench_sweep/ (results.jsonl, report.html, report.md, plots/, leaderboard.csv,
+latency.md) and benchmarks/results/bench_sweep.json + .md (wall time, machine, load average).
+
+Usage: python benchmarks/bench_sweep.py [--recipes a,b,...] [--force]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pathlib
+import shutil
+import sys
+import time
+
+from sparseforge.cli import main as cli_main
+from sparseforge.eval.tasks import environment
+
+OUT = pathlib.Path(__file__).resolve().parent / "results"
+RECIPES = "wanda-50,sparsegpt-50,magnitude-2of4,rtn-w4g128,snapkv-75,streamingllm-75,teal-50"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--recipes", default=RECIPES)
+    ap.add_argument("--force", action="store_true")
+    args = ap.parse_args()
+    load_before = os.getloadavg()
+    start = time.perf_counter()
+    argv = ["--threads", "1", "--quiet", "bench", "--recipes", args.recipes, "--out", str(OUT / "bench_sweep")]
+    code = cli_main(argv + (["--force"] if args.force else []))
+    wall = time.perf_counter() - start
+    if code:
+        sys.exit(f"sparseforge bench failed with exit code {code}")
+    shutil.rmtree(OUT / "bench_sweep" / "__pycache__", ignore_errors=True)
+    env = environment()
+    machine = (f"{env['cpu']} ({env['cpu_count']} cores), torch {env['torch']}, shared machine, load average "
+               f"{load_before[0]:.1f} before and {os.getloadavg()[0]:.1f} after, 1 torch thread")
+    summary = {"command": "sparseforge " + " ".join(argv), "wall_seconds": round(wall, 1), "machine": machine, "environment": env}
+    (OUT / "bench_sweep.json").write_text(json.dumps(summary, indent=2) + "\n")
+    (OUT / "bench_sweep.md").write_text(
+        f"# `sparseforge bench` on the bundled model\n\nMachine: {machine}. Produced by `benchmarks/bench_sweep.py`.\n\n"
+        f"`{summary['command']}` took {wall:.0f} s. Report: `bench_sweep/report.md` (and `report.html`).\n")
+    print(f"bench took {wall:.0f} s; {machine}")
+
+
+if __name__ == "__main__":
+    main()
