@@ -26,6 +26,22 @@ def check_lm_eval() -> None:
         raise UserInputError("lm-eval:NAME tasks need lm-evaluation-harness: pip install 'sparseforge[eval]'") from None
 
 
+_MANAGERS: dict = {}
+
+
+def _task_manager(TaskManager, include_path, tasks):
+    """Local tasks alone where they are all the run needs: indexing lm-eval's thousands of bundled task YAMLs
+    takes tens of seconds, so that index is built only when a task is not local, and once per process."""
+    if include_path:
+        local = TaskManager(include_path=include_path, include_defaults=False)
+        if all(t in local.all_tasks for t in tasks):
+            return local
+    key = str(include_path)
+    if key not in _MANAGERS:
+        _MANAGERS[key] = TaskManager(include_path=include_path) if include_path else TaskManager()
+    return _MANAGERS[key]
+
+
 def run_lm_eval(model, tokenizer, tasks: list[str], include_path: str | None = None, limit: int | None = None, batch_size: int = 1) -> dict:
     check_lm_eval()
     if tokenizer is None:
@@ -34,7 +50,7 @@ def run_lm_eval(model, tokenizer, tasks: list[str], include_path: str | None = N
     from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager
 
-    manager = TaskManager(include_path=include_path) if include_path else TaskManager()
+    manager = _task_manager(TaskManager, include_path, tasks)
     missing = [t for t in tasks if t not in manager.all_tasks]
     if missing:
         where = f" or in '{include_path}'" if include_path else " (pass --lm-eval-include DIR for local task YAMLs)"
