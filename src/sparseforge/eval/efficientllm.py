@@ -17,7 +17,6 @@ from sparseforge.eval.perplexity import accepts_argument, cache_argument, eval_m
 
 # Fraction of the memory still available that a batch may take when the throughput batch is chosen.
 BATCH_MEMORY_FRACTION = 0.5
-_PEAK_CACHE: dict[tuple, float] = {}
 
 
 # ----------------------------------------------------------------------------------------------- energy
@@ -100,12 +99,10 @@ class EnergyMeter:
 
 def matmul_peak_flops(device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32, n: int = 1024, repeats: int = 5) -> float:
     """The dense matmul FLOP/s this machine reaches now: the best of `repeats` timed `n x n @ n x n` products in
-    `dtype` with the current torch thread count, after one warm-up. Measured once per (device, dtype, n,
-    threads) per process."""
+    `dtype` with the current torch thread count, after one warm-up. Measured at every call (about 0.1 s on a
+    CPU core), right beside the timing it divides: on a shared machine the peak available moves with the load,
+    and a peak measured once at start-up gave utilizations above 1 later in a sweep."""
     device = torch.device(device)
-    key = (str(device), str(dtype), n, torch.get_num_threads())
-    if key in _PEAK_CACHE:
-        return _PEAK_CACHE[key]
     if device.type == "cpu" and dtype in (torch.float16,):
         dtype = torch.float32  # CPU half matmuls are emulated; the model would not run them either
     generator = torch.Generator().manual_seed(0)
@@ -120,8 +117,7 @@ def matmul_peak_flops(device: torch.device | str = "cpu", dtype: torch.dtype = t
             _sync(device)
             if i:
                 best = min(best, time.perf_counter() - start)
-    _PEAK_CACHE[key] = 2 * n**3 / best
-    return _PEAK_CACHE[key]
+    return 2 * n**3 / best
 
 
 def forward_flops(fn) -> tuple[object, int]:
@@ -266,9 +262,9 @@ def efficiency_metrics(model, tokenizer=None, prompt_len: int | None = None, new
     metrics: dict = {}
     with torch.inference_mode(), eval_mode(model):
         memory = kv_efficiency(model, ids, new_tokens)
-        ttft, tpot = runner.latency(ids, new_tokens, repeats)
         _, flops = forward_flops(lambda: runner.prefill(ids))
         peak = matmul_peak_flops(device, next(model.parameters()).dtype)
+        ttft, tpot = runner.latency(ids, new_tokens, repeats)
         by_length = {}
         for L in lengths:
             t, p = runner.latency(_prompt(vocab, 1, L, device, seed), new_tokens, repeats)
