@@ -38,11 +38,17 @@ def main() -> None:
     env = environment()
     machine = (f"{env['cpu']} ({env['cpu_count']} cores), torch {env['torch']}, shared machine, load average "
                f"{load_before[0]:.1f} before and {os.getloadavg()[0]:.1f} after, 1 torch thread")
-    summary = {"command": "sparseforge " + " ".join(argv), "wall_seconds": round(wall, 1), "machine": machine, "environment": env}
+    records = [json.loads(line) for line in (OUT / "bench_sweep" / "results.jsonl").read_text().splitlines() if line.strip()]
+    per_record = {r["recipe"] or "dense": r["wall_seconds"] for r in records}
+    summary = {"command": "sparseforge " + " ".join(argv), "wall_seconds": round(wall, 1), "machine": machine, "environment": env,
+               "record_wall_seconds": per_record, "records_total_seconds": round(sum(per_record.values()), 1)}
     (OUT / "bench_sweep.json").write_text(json.dumps(summary, indent=2) + "\n")
     (OUT / "bench_sweep.md").write_text(
         f"# `sparseforge bench` on the bundled model\n\nMachine: {machine}. Produced by `benchmarks/bench_sweep.py`.\n\n"
-        f"`{summary['command']}` took {wall:.0f} s. Report: `bench_sweep/report.md` (and `report.html`).\n")
+        f"`{summary['command']}` took {wall:.0f} s this time (records already in the store are skipped). The store's "
+        f"{len(per_record)} records took {summary['records_total_seconds']:.0f} s in all to compute: "
+        + ", ".join(f"{k} {v:.0f} s" for k, v in per_record.items())
+        + ". Report: `bench_sweep/report.md` (and `report.html`).\n")
     print(f"bench took {wall:.0f} s; {machine}")
 
 
