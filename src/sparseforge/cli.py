@@ -305,7 +305,8 @@ def _html_report(directory: pathlib.Path, dense_doc: dict, comp_doc: dict, recip
                {**comp_doc, "recipe": recipe.name, "stages": report["stages"], "recipe_spec": recipe.to_dict()}]
     for r in records:
         r["model"] = dense_doc["model"]  # one model, so the compressed record is compared with this dense one
-    write_report(records, directory, title=f"sparseforge run: {recipe.name}")
+    # run's own report.md stays; the HTML adds the plots (exports are for sweeps).
+    write_report(records, directory, title=f"sparseforge run: {recipe.name}", markdown=False, exports=False)
 
 
 def cmd_generate(args) -> int:

@@ -446,9 +446,11 @@ def render_markdown(records: list[dict], plots: list[Plot], title: str, png_dir:
     return f"# {title}\n\n{chr(10).join(lines)}\n\n## Plots\n\n{images}{latency}\n\n## Machine and versions\n\n{envs}\n"
 
 
-def write_report(records: list[dict], directory: str | os.PathLike, title: str = "sparseforge results") -> dict:
-    """Write report.html, report.md, plots/*.png, leaderboard.csv and latency.md into `directory` (each file
-    atomically). Returns {"html": path, "markdown": path, "plots": {name: {svg group id: points}}}."""
+def write_report(records: list[dict], directory: str | os.PathLike, title: str = "sparseforge results",
+                 markdown: bool = True, exports: bool = True) -> dict:
+    """Write report.html, plots/*.png and (unless turned off) report.md, leaderboard.csv and latency.md into
+    `directory`, each file atomically. Returns {"html": path, "markdown": path or None, "plots": {name: {svg
+    group id: points}}}."""
     from sparseforge.formats.output import write_text_atomic
 
     directory = pathlib.Path(directory)
@@ -461,7 +463,10 @@ def write_report(records: list[dict], directory: str | os.PathLike, title: str =
         tmp.write_bytes(p.png)
         os.replace(tmp, png_dir / f"{p.name}.png")
     write_text_atomic(directory / "report.html", render_html(records, plots, title), flag="--out")
-    write_text_atomic(directory / "report.md", render_markdown(records, plots, title), flag="--out")
+    if markdown:
+        write_text_atomic(directory / "report.md", render_markdown(records, plots, title), flag="--out")
+    if not exports:
+        return {"html": directory / "report.html", "markdown": None, "plots": {p.name: p.groups for p in plots}}
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, ["dataset", "model", "method", "compression_ratio", "score"], lineterminator="\n")
     writer.writeheader()
