@@ -367,7 +367,7 @@ def test_run_writes_artifact_results_and_report(capsys, tmp_path, tiny_llama_dir
     assert main(["run", "--model", str(tiny_llama_dir), "--out", str(out), "--max-tokens", "200"]) == 0
     printed = capsys.readouterr().out
 
-    assert sorted(p.name for p in out.iterdir()) == ["model", "report.md", "results.json"]
+    assert sorted(p.name for p in out.iterdir()) == ["model", "plots", "report.html", "report.md", "results.json"]
     assert (out / "model" / "sparseforge.json").is_file()
     assert list((out / "model").glob("*.safetensors"))
     assert strays(out) == []

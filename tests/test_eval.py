@@ -289,7 +289,8 @@ def test_run_tasks_unknown_name_lists_known(llama, tokenizer, text):
 def test_run_tasks_merges_flat_metrics(llama, tokenizer, text, tmp_path):
     # Changed with issue 10: the KV-cache tasks are registered but opt-in, so DEFAULT_TASKS is a subset.
     assert set(DEFAULT_TASKS) < set(TASKS)
-    assert set(TASKS) - set(DEFAULT_TASKS) == {"passkey_agnostic", "multikey_agnostic", "kv_perplexity", "kv_efficiency"}
+    # Issue 16 adds the opt-in EfficientLLM metrics task.
+    assert set(TASKS) - set(DEFAULT_TASKS) == {"passkey_agnostic", "multikey_agnostic", "kv_perplexity", "kv_efficiency", "efficiency"}
     ctx = EvalContext(llama, tokenizer, text=text, settings=FAST_SETTINGS)
     m = run_tasks(ctx, DEFAULT_TASKS)
     for key in ("perplexity", "passkey_accuracy", "passkey_by_length", "passkey_by_depth", "multikey_accuracy",

@@ -190,9 +190,11 @@ def cmd_eval(args) -> int:
         tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
         if not tasks:
             raise UserInputError(f"--tasks is empty; name at least one of {', '.join(TASKS)}, or leave --tasks out to run them all")
-    unknown = [t for t in tasks or [] if t not in TASKS]
+    from sparseforge.eval.tasks import unknown_tasks
+
+    unknown = unknown_tasks(tasks or [])
     if unknown:
-        raise UserInputError(f"unknown eval task(s) {', '.join(unknown)}; known tasks: {', '.join(TASKS)}")
+        raise UserInputError(f"unknown eval task(s) {', '.join(unknown)}; known tasks: {', '.join(TASKS)}, or lm-eval:NAME")
     # Check every path before loading anything, so a bad one fails fast with one line.
     source = resolve_model_path(args.model)
     if args.reference:
@@ -202,6 +204,7 @@ def cmd_eval(args) -> int:
     if args.json:
         _check_writable_file(args.json)
     settings = _settings(args)
+    settings.update(_lm_eval_settings(args, tasks))
     _check_kernel(args)
     trust = args.trust_remote_code
     model = api.load(args.model, device=args.device, trust_remote_code=trust)
@@ -215,6 +218,63 @@ def cmd_eval(args) -> int:
     if args.json:
         _write_text(args.json, json.dumps(doc, indent=2) + "\n")
     _result(side_by_side({source: doc["metrics"]}))
+    return 0
+
+
+def _lm_eval_settings(args, tasks) -> dict:
+    """Settings of the lm-eval: task prefix, checked before any model is loaded."""
+    settings = {}
+    if args.lm_eval_include is not None:
+        if not pathlib.Path(args.lm_eval_include).is_dir():
+            raise UserInputError(f"--lm-eval-include '{args.lm_eval_include}' is not a directory; pass the folder holding the task YAML files")
+        settings["lm_eval_include_path"] = str(pathlib.Path(args.lm_eval_include).resolve())
+    if args.lm_eval_limit is not None:
+        if args.lm_eval_limit < 1:
+            raise UserInputError(f"--lm-eval-limit must be at least 1, got {args.lm_eval_limit}")
+        settings["lm_eval_limit"] = args.lm_eval_limit
+    if any(t.startswith("lm-eval:") for t in tasks or []):
+        from sparseforge.eval.lm_eval_bridge import check_lm_eval
+
+        check_lm_eval()
+    return settings
+
+
+def cmd_bench(args) -> int:
+    """Dense plus each recipe on one model, resumable, into one results store and a report."""
+    from sparseforge.sweep import bench
+
+    recipes = [r.strip() for r in (args.recipes or "").split(",") if r.strip()]
+    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()] if args.tasks else None
+    settings = _settings(args)
+    for item in args.set or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise UserInputError(f"--set takes KEY=VALUE (VALUE in JSON, e.g. efficiency_lengths=[128,512]), got {item!r}")
+        try:
+            settings[key.strip()] = json.loads(value)
+        except ValueError:
+            settings[key.strip()] = value
+    result = bench(args.model, recipes, args.out, tasks, settings, force=args.force, device=args.device, progress=not args.quiet,
+                   say=lambda line: _say(args, line), trust_remote_code=args.trust_remote_code)
+    report = result["report"]
+    _result(f"{len(result['computed'])} computed, {len(result['skipped'])} skipped; store: {result['store']}; "
+            f"report: {report['html'] if report else '-'}")
+    return 0
+
+
+def cmd_report(args) -> int:
+    """The HTML (and Markdown) report of a results store, written beside it or into --out."""
+    from sparseforge.eval.report import write_report
+    from sparseforge.eval.store import read_records
+
+    records = read_records(args.dir)
+    source = pathlib.Path(args.dir)
+    out = pathlib.Path(args.out) if args.out else (source if source.is_dir() else source.parent)
+    if out.exists() and not out.is_dir():
+        raise UserInputError(f"--out '{out}' is a file; choose a directory")
+    out.mkdir(parents=True, exist_ok=True)
+    paths = write_report(records, out, title=args.title or f"sparseforge results: {source.resolve().name}")
+    _result(f"wrote {paths['html']} and {paths['markdown']} ({len(records)} records, {len(paths['plots'])} plots)")
     return 0
 
 
@@ -254,9 +314,22 @@ def cmd_run(args) -> int:
         (tmp / "results.json").write_text(json.dumps([dense_doc, comp_doc], indent=2) + "\n")
         (tmp / "report.md").write_text(_report(source, recipe, table, report, dense_doc["environment"], dispatched,
                                                speed_note(comp_doc["metrics"])))
+        _html_report(tmp, dense_doc, comp_doc, recipe, report)
         _say(args, "[4/4] writing artifact and report")
     _result("\n" + table + f"\n\n{speed_note(comp_doc['metrics']).strip()}\ncompressed in {report['compress_seconds']:.1f} s; artifact: {out / 'model'}; report: {out / 'report.md'}")
     return 0
+
+
+def _html_report(directory: pathlib.Path, dense_doc: dict, comp_doc: dict, recipe, report: dict) -> None:
+    """`run`'s report.html (plots under plots/): its two documents as records of the results store."""
+    from sparseforge.eval.report import write_report
+
+    records = [{**dense_doc, "recipe": None, "stages": []},
+               {**comp_doc, "recipe": recipe.name, "stages": report["stages"], "recipe_spec": recipe.to_dict()}]
+    for r in records:
+        r["model"] = dense_doc["model"]  # one model, so the compressed record is compared with this dense one
+    # run's own report.md stays; the HTML adds the plots (exports are for sweeps).
+    write_report(records, directory, title=f"sparseforge run: {recipe.name}", markdown=False, exports=False)
 
 
 def cmd_generate(args) -> int:
@@ -493,6 +566,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--kernel", default="dense", choices=kernels,
                    help="run the model's projections through this sparse kernel wherever a speed gate, measured at "
                         "start-up on this machine, finds it faster than dense (csr: CPU, float32; 2:4: CUDA, 16-bit)")
+    p.add_argument("--lm-eval-include", default=None, help="directory of local lm-evaluation-harness task YAMLs for lm-eval:NAME tasks")
+    p.add_argument("--lm-eval-limit", type=int, default=None, help="lm-eval:NAME tasks: at most this many documents per task")
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("generate", help="run a saved model with its runtime stages and print the text it generates")
@@ -504,6 +579,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature with --do-sample (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="random seed with --do-sample (default: %(default)s)")
     p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("bench", help="sweep: dense plus each recipe, compressed and evaluated, into one resumable results store and a report")
+    common(p)
+    p.add_argument("--recipes", required=True, help="comma-separated presets or recipe YAML paths")
+    p.add_argument("--tasks", default=None, help="comma-separated eval tasks (default: run's tasks plus efficiency)")
+    p.add_argument("--out", default=os.path.join(DEFAULT_RUN_DIR, "bench"), help="sweep directory: results.jsonl, report.html, plots/ (default: %(default)s)")
+    p.add_argument("--force", action="store_true", help="recompute recipes whose results are already in the store")
+    p.add_argument("--max-tokens", type=int, default=None, help="evaluate perplexity on at most this many held-out tokens")
+    p.add_argument("--retrieval-per-cell", type=int, default=None, help="passkey/multi-key episodes per (length, depth) cell")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="an eval setting (docs/metrics.md), VALUE in JSON; repeatable")
+    p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser("report", help="write the HTML and Markdown report of a results store (a bench directory or results.jsonl)")
+    p.add_argument("dir", help="bench directory (or its results.jsonl)")
+    p.add_argument("--out", default=None, help="directory for report.html, report.md and plots/ (default: beside the store)")
+    p.add_argument("--title", default=None, help="report title")
+    p.add_argument("--quiet", "-q", action="store_true", default=argparse.SUPPRESS, help="no status lines")
+    p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show the full traceback of an error")
+    p.set_defaults(func=cmd_report)
 
     p = sub.add_parser("methods", help="list registered methods with their parameters, and the presets")
     p.set_defaults(func=cmd_methods)

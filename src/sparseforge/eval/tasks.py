@@ -72,6 +72,14 @@ DEFAULT_SETTINGS: dict[str, Any] = {
     "kv_prompt_len": None,  # kv_efficiency: prompt tokens; None: min(2048, max positions) - kv_new_tokens
     "kv_new_tokens": 32,  # kv_efficiency: tokens decoded
     "kv_chunk_size": None,  # kv_efficiency: chunked prefill of this many tokens; None: one forward
+    "efficiency_prompt_len": None,  # efficiency: prompt tokens; None: min(512, max positions - new tokens)
+    "efficiency_new_tokens": 16,  # efficiency: tokens decoded per timing
+    "efficiency_lengths": None,  # efficiency: context lengths of the latency table; None: 128, 512, 2048 that fit
+    "efficiency_repeats": 3,  # efficiency: timed repeats (medians), after one warm-up
+    "efficiency_max_batch": 8,  # efficiency: largest batch the throughput batch may grow to
+    "lm_eval_include_path": None,  # lm-eval: a directory of local YAML task definitions
+    "lm_eval_limit": None,  # lm-eval: documents per task (None: all)
+    "lm_eval_batch_size": 1,
     "targets": ("*",),  # projection globs for the sparsity metrics
     "ignore": (),
 }
@@ -220,7 +228,42 @@ def task_kv_efficiency(ctx: EvalContext) -> dict:
     return kv_efficiency(ctx.model, torch.tensor([ids]), s["kv_new_tokens"], s["kv_chunk_size"])
 
 
+@register_task("efficiency")
+def task_efficiency(ctx: EvalContext) -> dict:
+    """The EfficientLLM metrics: memory by phase, compute utilization, latency by length, throughput, energy."""
+    from sparseforge.eval.efficientllm import efficiency_metrics
+
+    s = ctx.settings
+    return efficiency_metrics(ctx.model, ctx.tokenizer, s["efficiency_prompt_len"], s["efficiency_new_tokens"],
+                              s["efficiency_lengths"], s["efficiency_repeats"], s["efficiency_max_batch"])
+
+
 DEFAULT_TASKS: tuple[str, ...] = tuple(_DEFAULT)
+
+# Task families named "PREFIX:NAME" (e.g. lm-eval:hellaswag), run by one function over all their names at once.
+PrefixTask = Callable[["EvalContext", list], dict]
+TASK_PREFIXES: dict[str, PrefixTask] = {}
+
+
+def register_task_prefix(prefix: str) -> Callable[[PrefixTask], PrefixTask]:
+    def add(fn: PrefixTask) -> PrefixTask:
+        TASK_PREFIXES[prefix] = fn
+        return fn
+
+    return add
+
+
+@register_task_prefix("lm-eval")
+def task_lm_eval(ctx: EvalContext, names: list) -> dict:
+    from sparseforge.eval.lm_eval_bridge import run_lm_eval
+
+    s = ctx.settings
+    return run_lm_eval(ctx.model, ctx.tokenizer, names, s["lm_eval_include_path"], s["lm_eval_limit"], s["lm_eval_batch_size"])
+
+
+def unknown_tasks(names: Iterable[str]) -> list[str]:
+    """The names that are neither a registered task nor PREFIX:NAME with a registered prefix."""
+    return [n for n in names if n not in TASKS and not (":" in n and n.split(":", 1)[0] in TASK_PREFIXES and n.split(":", 1)[1])]
 
 
 def run_tasks(context: EvalContext, tasks: str | Iterable[str] = DEFAULT_TASKS) -> dict:
@@ -228,12 +271,21 @@ def run_tasks(context: EvalContext, tasks: str | Iterable[str] = DEFAULT_TASKS) 
     All names are checked before anything runs."""
     names = [t.strip() for t in tasks.split(",")] if isinstance(tasks, str) else [str(t).strip() for t in tasks]
     names = list(dict.fromkeys(n for n in names if n))
-    unknown = [n for n in names if n not in TASKS]
+    unknown = unknown_tasks(names)
     if unknown:
-        raise UserInputError(f"unknown eval task(s) {', '.join(unknown)}; known tasks are {', '.join(TASKS)}")
+        raise UserInputError(f"unknown eval task(s) {', '.join(unknown)}; known tasks are {', '.join(TASKS)}, "
+                             f"or {', '.join(p + ':NAME' for p in TASK_PREFIXES)}")
     metrics: dict[str, Any] = {}
     for name in names:
-        metrics.update(TASKS[name](context))
+        if name in TASKS:
+            metrics.update(TASKS[name](context))
+    prefixed: dict[str, list] = {}
+    for name in names:
+        if name not in TASKS:
+            prefix, task = name.split(":", 1)
+            prefixed.setdefault(prefix, []).append(task)
+    for prefix, tasks_of_prefix in prefixed.items():
+        metrics.update(TASK_PREFIXES[prefix](context, tasks_of_prefix))
     return metrics
 
 
