@@ -29,7 +29,7 @@ from sparseforge.data import read_text
 from sparseforge.eval.tasks import EvalContext, environment, run_tasks
 from sparseforge.methods import get_method
 from sparseforge.methods.activations import measure_sparsity
-from sparseforge.recipe import Recipe, Stage
+from sparseforge.recipe import Recipe, Stage, load_recipe
 
 OUT = pathlib.Path(__file__).resolve().parent / "results"
 NAME = "activation_quality"
@@ -88,6 +88,7 @@ def main() -> None:
     ap.add_argument("--redo", action="store_true")
     ap.add_argument("--name", default=NAME, help="results file stem")
     ap.add_argument("--no-composed", action="store_true")
+    ap.add_argument("--presets", default="", help="comma-separated presets added as rows with their own recipes, e.g. gptq-w8,gptq-w8+teal-50")
     args = ap.parse_args()
     args.lengths = [int(v) for v in args.lengths.split(",")]
     torch.set_num_threads(args.threads)
@@ -105,10 +106,14 @@ def main() -> None:
     plan.append(("sparsegpt-50", 0.5, [stage("sparsegpt", 0.5)]))
     for method in [] if args.no_composed else args.methods.split(","):
         plan.append((f"sparsegpt-50+{method}-50", 0.5, [stage("sparsegpt", 0.5), stage(method, 0.5)]))
+    presets = [p for p in args.presets.split(",") if p]
+    for preset in presets:
+        plan.append((preset, None, load_recipe(preset)))
     for name, target, stages in plan:
         if name in done:
             continue
-        model = dense if not stages else sparseforge.compress(dense, Recipe(name, stages, cal), tok, progress=False)[0]
+        recipe = stages if isinstance(stages, Recipe) else Recipe(name, stages, cal)
+        model = dense if not recipe.stages else sparseforge.compress(dense, recipe, tok, progress=False)[0]
         row = {"recipe": name, "target": target, **measure(model, dense, tok, args)}
         doc["rows"].append(row)
         doc["load_average"] = [round(v, 2) for v in os.getloadavg()]
