@@ -26,6 +26,9 @@ PARAMS = {"adamw": {"lr": 1e-3}, "adamw-8bit": {"lr": 1e-3}, "galore": {"lr": 1e
 # Losses agree to this (absolute, nats; the losses are about 8.3): the two runs differ only in float summation
 # order (reduce-scatter vs one sum), which Adam's normalisation carries into later steps.
 LOSS_TOLERANCE = 1e-4
+# 8-bit AdamW quantizes its moments in blocks of 256 values; sharded, each rank's blocks hold other values than
+# one process's do, so the quantization noise differs: measured 0.013 nats worst over 20 steps (losses about 8.3).
+LOSS_TOLERANCE_8BIT = 0.03
 
 
 def _pruned_model():
@@ -128,7 +131,7 @@ def _run_two_processes(names, tmp_path):
     return ranks
 
 
-def _check(names, tmp_path):
+def _check(names, tmp_path, tolerance=LOSS_TOLERANCE):
     ranks = _run_two_processes(names, tmp_path)
     for name in names:
         model = _pruned_model()
@@ -139,7 +142,7 @@ def _check(names, tmp_path):
             assert got["changed"] == 0, (name, r, got["changed"])  # pruned positions zero on this rank's shards
             assert len(got["losses"]) == STEPS
             worst = max(abs(a - b) for a, b in zip(got["losses"], reference))
-            assert worst <= LOSS_TOLERANCE, (name, r, worst, got["losses"][-3:], reference[-3:])
+            assert worst <= tolerance, (name, r, worst, got["losses"][-3:], reference[-3:])
 
 
 def test_fsdp_two_processes_match_one(tmp_path):
@@ -150,4 +153,4 @@ def test_fsdp_two_processes_match_one(tmp_path):
 @pytest.mark.slow
 def test_fsdp_adamw_8bit(tmp_path):
     pytest.importorskip("torchao")
-    _check(["adamw-8bit"], tmp_path)
+    _check(["adamw-8bit"], tmp_path, tolerance=LOSS_TOLERANCE_8BIT)
