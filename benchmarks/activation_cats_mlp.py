@@ -21,37 +21,17 @@ import argparse
 import json
 import os
 import pathlib
-import statistics
-import time
 
 import torch
 import torch.nn.functional as F
 
 from sparseforge.eval.tasks import environment
+from timing_common import Rotation, interleaved  # benchmarks/ is on sys.path when run as a script
 from sparseforge.kernels import activation_sparse as ak
 
 OUT = pathlib.Path(__file__).resolve().parent / "results"
 X_POOL = 5
 
-
-def interleaved(fns: dict, repeats: int, warmup: int) -> dict[str, float]:
-    times = {k: [] for k in fns}
-    for round_ in range(warmup + repeats):
-        for k, fn in fns.items():
-            start = time.perf_counter()
-            fn()
-            if round_ >= warmup:
-                times[k].append(time.perf_counter() - start)
-    return {k: statistics.median(v) for k, v in times.items()}
-
-
-class Rotation:
-    def __init__(self, n: int):
-        self.n, self.i = n, 0
-
-    def next(self) -> int:
-        self.i = (self.i + 1) % self.n
-        return self.i
 
 
 def ceilings(s: float, tokens: int) -> dict:

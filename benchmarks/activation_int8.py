@@ -36,6 +36,7 @@ import torch.nn.functional as F
 
 from sparseforge.core.quantizer import QuantScheme, quantize_rtn
 from sparseforge.eval.tasks import environment
+from timing_common import Rotation, interleaved  # benchmarks/ is on sys.path when run as a script
 from sparseforge.kernels import activation_sparse as ak
 from sparseforge.kernels.int_weight_only import Int8WeightOnly
 
@@ -45,25 +46,6 @@ SPARSITIES = (0.0, 0.25, 0.4, 0.5, 0.65, 0.8, 0.9)
 L3_BYTES = 260 * 2**20
 X_POOL = 7
 
-
-def interleaved(fns: dict, repeats: int, warmup: int) -> dict[str, float]:
-    times = {k: [] for k in fns}
-    for round_ in range(warmup + repeats):
-        for k, fn in fns.items():
-            start = time.perf_counter()
-            fn()
-            if round_ >= warmup:
-                times[k].append(time.perf_counter() - start)
-    return {k: statistics.median(v) for k, v in times.items()}
-
-
-class Rotation:
-    def __init__(self, n: int):
-        self.n, self.i = n, 0
-
-    def next(self) -> int:
-        self.i = (self.i + 1) % self.n
-        return self.i
 
 
 def bandwidth() -> dict:

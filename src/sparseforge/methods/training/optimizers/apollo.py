@@ -15,18 +15,14 @@ import dataclasses
 import torch
 
 from sparseforge.errors import UserInputError
+from sparseforge.methods.training.optimizers.adamw import AdamParams
 from sparseforge.methods.training.optimizers.base import (OptimizerSpec, check_adam, param, parameter_masks,
                                                           register_optimizer)
 from sparseforge.methods.training.optimizers.lowrank import ProjectedAdam, projectable
 
 
 @dataclasses.dataclass
-class ApolloParams:
-    lr: float = param(1e-4, "learning rate")
-    beta1: float = param(0.9, "decay of the first moment")
-    beta2: float = param(0.999, "decay of the second moment")
-    eps: float = param(1e-8, "added to the root of the second moment")
-    weight_decay: float = param(0.0, "decoupled weight decay per step, times lr")
+class ApolloParams(AdamParams):
     rank: int = param(16, "rows of the random projection per projected weight (1 with scaling: tensor is APOLLO-Mini)")
     update_gap: int = param(200, "steps between fresh random projections")
     scale: float = param(1.0, "multiplies the scaled gradient (APOLLO's alpha; the paper uses 128 for APOLLO-Mini)")

@@ -15,18 +15,14 @@ import dataclasses
 import torch
 
 from sparseforge.errors import UserInputError
+from sparseforge.methods.training.optimizers.adamw import AdamParams
 from sparseforge.methods.training.optimizers.base import (OptimizerSpec, check_adam, is_sharded, param, parameter_masks,
                                                           register_optimizer)
 from sparseforge.methods.training.optimizers.lowrank import ProjectedAdam, projectable
 
 
 @dataclasses.dataclass
-class GaLoreParams:
-    lr: float = param(1e-4, "learning rate")
-    beta1: float = param(0.9, "decay of the first moment")
-    beta2: float = param(0.999, "decay of the second moment")
-    eps: float = param(1e-8, "added to the root of the second moment")
-    weight_decay: float = param(0.0, "decoupled weight decay per step, times lr")
+class GaLoreParams(AdamParams):
     rank: int = param(16, "width of the gradient subspace per projected weight")
     update_gap: int = param(200, "steps between SVD refreshes of the projection")
     scale: float = param(0.25, "multiplies the projected-back update (GaLore's alpha)")
