@@ -1,4 +1,4 @@
-"""`sparseforge bench` on the bundled model over seven recipes of three families (weights,
+"""`sparseforge bench` on the bundled model over eight recipes of four families (weights, activations,
 quantization, KV cache): the sweep finishes, and its store, report and exports are the figures of docs/report.md.
 Writes benchmarks/results/bench_sweep/ (results.jsonl, report.html, report.md, plots/, leaderboard.csv,
 latency.md) and benchmarks/results/bench_sweep.json + .md (wall time, machine, load average).
@@ -19,7 +19,7 @@ from sparseforge.cli import main as cli_main
 from sparseforge.eval.tasks import environment
 
 OUT = pathlib.Path(__file__).resolve().parent / "results"
-RECIPES = "wanda-50,sparsegpt-50,magnitude-2of4,rtn-w4g128,snapkv-75,streamingllm-75,kivi-4bit"
+RECIPES = "wanda-50,sparsegpt-50,magnitude-2of4,rtn-w4g128,teal-50,snapkv-75,streamingllm-75,kivi-4bit"
 
 
 def main() -> None:
