@@ -33,12 +33,12 @@ import math
 import os
 import pathlib
 import statistics
-import time
 
 import torch
 import torch.nn.functional as F
 
 from sparseforge.eval.tasks import environment
+from timing_common import interleaved  # benchmarks/ is on sys.path when run as a script
 from sparseforge.kernels import activation_sparse as ak
 
 OUT = pathlib.Path(__file__).resolve().parent / "results"
@@ -49,15 +49,6 @@ L3_BYTES = 260 * 2**20  # this machine's (lscpu); cold weights must exceed twice
 X_POOL = 7  # inputs cycled per cell
 
 
-def interleaved(fns: dict, repeats: int, warmup: int) -> dict[str, float]:
-    times = {k: [] for k in fns}
-    for round_ in range(warmup + repeats):
-        for k, fn in fns.items():
-            start = time.perf_counter()
-            fn()
-            if round_ >= warmup:
-                times[k].append(time.perf_counter() - start)
-    return {k: statistics.median(v) for k, v in times.items()}
 
 
 def bandwidth() -> dict:
