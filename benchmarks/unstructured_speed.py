@@ -29,7 +29,6 @@ import argparse
 import json
 import pathlib
 import statistics
-import time
 
 import torch
 import torch.nn.functional as F
@@ -45,6 +44,7 @@ from sparseforge.kernels.base import SparseLinear, SpeedGate, get_kernel
 from sparseforge.kernels.sparse_csr import random_sparse_weight
 from sparseforge.methods import get_method
 from sparseforge.recipe import Recipe, Stage
+from timing_common import interleaved  # benchmarks/ is on sys.path when run as a script
 
 OUT = pathlib.Path(__file__).resolve().parent / "results"
 SHAPES = {"q/k/v/o": ((4096, 4096), 4), "gate/up": ((11008, 4096), 2), "down": ((4096, 11008), 1)}
@@ -53,16 +53,6 @@ TOKENS = (1, 16, 128, 512)
 CSR = get_kernel("csr")
 
 
-def interleaved(fns: dict, repeats: int, warmup: int) -> dict[str, float]:
-    """Median seconds per call of each function, the functions alternating call by call."""
-    times = {k: [] for k in fns}
-    for round_ in range(warmup + repeats):
-        for k, fn in fns.items():
-            start = time.perf_counter()
-            fn()
-            if round_ >= warmup:
-                times[k].append(time.perf_counter() - start)
-    return {k: statistics.median(v) for k, v in times.items()}
 
 
 def ceilings() -> dict:
