@@ -13,9 +13,9 @@ import dataclasses
 import torch
 
 from sparseforge.kernels.block_sparse_attention import BlockSelection, num_blocks
-from sparseforge.methods.attention.base import (PrefillParams, SparsePrefill, check_fraction, check_int,
+from sparseforge.methods.attention.base import (PrefillParams, SparsePrefill, block_density, check_fraction, check_int,
                                                 kv_heads_of, last_query_probs, pooled, prefix)
-from sparseforge.methods.attention.vertical_slash import line_scores, lines_to_selection
+from sparseforge.methods.attention.vertical_slash import line_scores, lines_mask, lines_to_selection
 from sparseforge.methods.base import param, register
 
 
@@ -91,6 +91,21 @@ class FlexPrefill(SparsePrefill):
         if estimate is None:
             estimate = pooled_block_probs(q, k, scale, heads, bs)
         return js_divergence(true, estimate[:, :, -1]) < self.params.tau, probs
+
+    def predicted_density(self, q, k, scale, heads, index):
+        # Both patterns from the pooled estimate alone (the index's cost is the last block's real attention):
+        # query-aware blocks as select builds them; the fixed lines with the estimate's last row standing in for
+        # the last block's attention (every query of that block lies n - 1 - j diagonals from key block j). The
+        # prediction per head is the sparser of the two, so the gate goes dense only when both would be dense.
+        p = self.params
+        est = pooled_block_probs(q, k, scale, heads, p.block_size)
+        aware = block_density(cumulative_mask(est, p.gamma, p.min_blocks))
+        col = est[:, :, -1]
+        columns = cumulative_mask(col, p.gamma)
+        diagonals = cumulative_mask(col.flip(-1), p.gamma)
+        columns[..., 0] = diagonals[..., 0] = True
+        fixed = block_density(lines_mask(columns, diagonals))
+        return torch.minimum(aware, fixed).mean(0)
 
     def select(self, q, k, scale, heads, index):
         p = self.params
