@@ -46,9 +46,13 @@ def js_divergence(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
 
 def pooled_block_probs(q, k, scale, heads, block: int) -> torch.Tensor:
     """Softmax of block-mean queries against block-mean keys, causal at block level: `[b, h, n, n]`."""
-    every = len(heads) == q.shape[1] and bool((heads == torch.arange(q.shape[1], device=heads.device)).all())
-    qp = pooled(q if every else q[:, heads], block)  # [b, h, n, d]; no copy of q when every head is asked for
-    kp = pooled(k, block)[:, kv_heads_of(heads, q.shape[1], k.shape[1])]
+    kvh = kv_heads_of(heads, q.shape[1], k.shape[1])
+    if len(heads) == q.shape[1] and bool((heads == torch.arange(q.shape[1], device=heads.device)).all()):
+        qp, kp = pooled(q, block), pooled(k, block)[:, kvh]  # every head: one pass, no copy of q
+    else:  # a subset (the search's heads of this pattern): pool only those query heads and their KV heads
+        qp = torch.cat([pooled(q[:, h:h + 1], block) for h in heads.tolist()], 1)
+        used = torch.unique(kvh)
+        kp = torch.cat([pooled(k[:, g:g + 1], block) for g in used.tolist()], 1)[:, torch.searchsorted(used, kvh)]
     s = qp @ kp.transpose(-1, -2) * scale
     n = s.shape[-1]
     above = torch.ones(n, n, dtype=torch.bool, device=s.device).triu(1)
