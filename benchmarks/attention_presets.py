@@ -205,7 +205,7 @@ def _decision_text(d: dict) -> str:
     if d.get("density") is not None:
         return f"{path} (built, d {d['density']:.2f})"
     if d.get("predicted") is not None:
-        return f"{path} (predicted d {d['predicted']:.2f}, no index)"
+        return f"{path} (predicted d {d['predicted']:.2f}, " + ("no index)" if path == "sdpa" else "the index decides next)")
     if "steps" in d:
         return f"{path} ({d['steps']['dense']} of {sum(d['steps'].values())} steps dense)"
     return path if path != "sdpa" else "sdpa (length below the crossover)"
