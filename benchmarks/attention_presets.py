@@ -51,7 +51,7 @@ bsa.FLEX_DYNAMIC = False  # a static kernel per length, as attention_speed.py me
 HEADS, KV_HEADS, DIM = 32, 8, 128
 PREFILL = ("ashape-4k", "vertical-slash", "flexprefill-95", "minference-search")
 DECODE = ("quest-decode",)
-REPEATS = {1024: 3, 2048: 3, 4096: 2, 8192: 1}
+REPEATS = {1024: 15, 2048: 7, 4096: 3, 8192: 1}
 
 
 class Layer(nn.Module):
@@ -180,7 +180,7 @@ def main() -> None:
     ap.add_argument("--lengths", type=int, nargs="*", default=[1024, 2048, 4096, 8192])
     ap.add_argument("--decide-only", type=int, nargs="*", default=[16384, 32768])
     ap.add_argument("--decode-lengths", type=int, nargs="*", default=[4096, 8192, 16384, 32768])
-    ap.add_argument("--repeats", type=int, default=0, help="repeats per prefill length (0: 3 at 1K-2K, 2 at 4K, 1 at 8K)")
+    ap.add_argument("--repeats", type=int, default=0, help="repeats per prefill length (0: 15 at 1K, 7 at 2K, 3 at 4K, 1 at 8K)")
     ap.add_argument("--steps", type=int, default=20, help="timed decode steps per cache length")
     ap.add_argument("--search-state", default=str(RESULTS / "attention_quality.json"))
     ap.add_argument("--out", default="attention_presets")
