@@ -14,6 +14,7 @@ Composition: the searched pattern, snapkv-75 and sparsegpt-50 each alone and tog
 
     python benchmarks/attention_quality.py                    # about 15 minutes, 1 thread
     python benchmarks/attention_quality.py --per-cell 4 --out attention_quality_quick
+    python benchmarks/attention_quality.py --composition-only --others-per-cell 4 --out attention_quality_composition
 """
 from __future__ import annotations
 
@@ -123,6 +124,7 @@ def main() -> None:
     ap.add_argument("--search-max-density", type=float, default=0.5, help="per-head density cap of the search (0.5: skip half the blocks)")
     ap.add_argument("--ppl-tokens", type=int, default=8192)
     ap.add_argument("--no-composition", action="store_true")
+    ap.add_argument("--composition-only", action="store_true", help="only the composition table (each recipe calibrates its own search)")
     ap.add_argument("--out", default="attention_quality")
     ap.add_argument("--smoke", action="store_true", help="one length, one depth, one episode: checks the script runs")
     args = ap.parse_args()
@@ -137,6 +139,15 @@ def main() -> None:
         args.ppl_tokens = 2048
     model = sparseforge.load()
     tokenizer = sparseforge.load_tokenizer()
+    if args.composition_only:
+        composition = {"dense (no stage)": quality(model, tokenizer, args.others_per_cell, args.ppl_tokens)}
+        composition.update(compose(model, tokenizer, args))
+        env["load_average_end"] = os.getloadavg()
+        doc = {"benchmark": "attention_quality_composition", "machine": env, "seconds": time.time() - t0, "lengths": LENGTHS,
+               "depths": DEPTHS, "per_cell": args.others_per_cell, "ppl_tokens": args.ppl_tokens, "composition": composition}
+        write(args.out, doc, composition_markdown(doc))
+        print(composition_markdown(doc))
+        return
     methods = patterns(args.search_target, args.search_max_density)
     search_label = next(k for k in methods if k.startswith("minference-search"))
     search = methods[search_label]
@@ -160,7 +171,7 @@ def main() -> None:
             m.detach(model)
         print(label, "done", flush=True)
 
-    composition = {} if args.no_composition else compose(model, tokenizer, state, args)
+    composition = {} if args.no_composition else compose(model, tokenizer, args)
     env["load_average_end"] = os.getloadavg()
     candidates = list(search.params.candidates)
     choice = state.tensors["choice"].tolist()
@@ -176,7 +187,7 @@ def main() -> None:
     print(md)
 
 
-def compose(model, tokenizer, state, args) -> dict:
+def compose(model, tokenizer, args) -> dict:
     """The searched pattern, snapkv-75, sparsegpt-50: each alone and all together, one recipe each."""
     search_params = {"target": args.search_target, "max_density": args.search_max_density, "block_size": BLOCK,
                      "gate": "always", "kernel": "masked"}
@@ -245,9 +256,31 @@ def markdown(doc) -> str:
     for label, c in doc["coverage"].items():
         lines.append(f"- {label}: " + "; ".join(f"layer {i}: " + " ".join(f"{x:.2f}" for x in row) for i, row in enumerate(c["coverage"])))
     if doc["composition"]:
-        lines += ["", "## Composition (one recipe each)", "", "| recipe | passkey | multi-key | perplexity |", "|---|---|---|---|"]
-        for label, r in doc["composition"].items():
-            lines.append(f"| {label} | {r['passkey']['accuracy']:.3f} | {r['multikey']['accuracy']:.3f} | {r['perplexity']:.2f} |")
+        lines += ["", "## Composition (one recipe each)", ""] + _composition_table(doc["composition"])
+    return "\n".join(lines) + "\n"
+
+
+def _composition_table(comp: dict) -> list[str]:
+    lines = ["| recipe | passkey | multi-key | perplexity |", "|---|---|---|---|"]
+    for label, r in comp.items():
+        lines.append(f"| {label} | {r['passkey']['accuracy']:.3f} | {r['multikey']['accuracy']:.3f} | {r['perplexity']:.2f} |")
+    return lines
+
+
+def composition_markdown(doc) -> str:
+    env = doc["machine"]
+    lines = ["# Sparse attention composed with a KV press and weight sparsity (bundled reference model)", "",
+             f"Machine: {machine_line(env)}; load average {env['load_average_start'][0]:.1f} at the start, "
+             f"{env['load_average_end'][0]:.1f} at the end (shared machine). Produced by "
+             f"`python benchmarks/attention_quality.py --composition-only --others-per-cell {doc['per_cell']} --ppl-tokens {doc['ppl_tokens']}` "
+             f"in {doc['seconds'] / 60:.0f} min.",
+             "Each row is one recipe through `sparseforge.compress` (calibration: 4 x 2048 tokens of the calibration text); "
+             "the searched prefill runs sparse at every length (gate `always`, block 64). Retrieval: "
+             f"{len(doc['lengths'])} lengths x {len(doc['depths'])} depths x {doc['per_cell']} episode(s) per cell, teacher-forced "
+             f"exact match; perplexity on {doc['ppl_tokens']} held-out tokens.", ""]
+    lines += _composition_table(doc["composition"])
+    lines += ["", "## Retrieval per length and depth", ""]
+    lines += _cell_table(doc["composition"], "passkey") + [""] + _cell_table(doc["composition"], "multikey")
     return "\n".join(lines) + "\n"
 
 

@@ -449,3 +449,91 @@ def test_quest_gate_runs_dense_where_it_was_measured_slower():
     quest = make("quest", page_size=4, token_budget=12, gate="auto")
     q, k = torch.randn(1, 4, 1, 8), torch.randn(1, 2, 64, 8)
     assert quest.run_decode(None, 0, q, k, k, 1.0) is None and quest.steps["dense"] == 1
+
+
+# ----------------------------------------------------------------------------- the gate decides before the index
+
+
+def _search_with_state(choice):
+    method = make("minference-search", block_size=8, kernel="flex",
+                  candidates=["ashape:sinks=8,window=8", "vertical-slash:last_queries=8,vertical=8,slash=8", "flexprefill:gamma=0.9"])
+    from sparseforge.methods.base import RuntimeState
+
+    method.load_state(RuntimeState(tensors={"choice": torch.tensor(choice)}, data={"gate": {"0.3": 64}}))
+    return method
+
+
+def test_predicted_density_matches_the_selection():
+    q, k, _ = random_qkv(256, 4, 2, seed=7)
+    heads = torch.arange(4)
+    # A-shape is static: exact, at several lengths and budgets (odd lengths included).
+    for L, window in ((256, 24), (203, 8), (64, 200)):
+        m = make("ashape", block_size=8, sinks=8, window=window)
+        pred = m.predicted_density(q[:, :, :L], k[:, :, :L], 0.25, heads, 0)
+        assert float(pred.mean()) == pytest.approx(m.selection(q[:, :, :L], k[:, :, :L], 0.25).density(), abs=1e-12)
+    # Vertical-slash: exactly dense when the slash budget covers every diagonal; otherwise the pooled query picks
+    # lines whose union is as dense as the real selection's on random inputs.
+    full = make("vertical-slash", block_size=8, last_queries=8, vertical=8, slash=256)
+    assert full.predicted_density(q, k, 0.25, heads, 0).tolist() == [1.0] * 4 == [full.selection(q, k, 0.25).density()] * 4
+    vs = make("vertical-slash", block_size=8, last_queries=8, vertical=32, slash=48)
+    assert float(vs.predicted_density(q, k, 0.25, heads, 0).mean()) == pytest.approx(vs.selection(q, k, 0.25).density(), abs=0.05)
+    fp = make("flexprefill", block_size=8, gamma=0.9)
+    assert float(fp.predicted_density(q, k, 0.25, heads, 0).mean()) == pytest.approx(fp.selection(q, k, 0.25).density(), abs=0.05)
+    # The search: each head predicted by its own pattern, dense heads 1.
+    search = _search_with_state([[0, -1, 2, 1]])
+    pred = search.predicted_density(q, k, 0.25, heads, 0)
+    assert pred[1] == 1.0
+    assert float(pred[0]) == float(make("ashape", block_size=8, sinks=8, window=8).predicted_density(q, k, 0.25, heads[:1], 0)[0])
+
+
+def _count_index_calls(monkeypatch, method):
+    calls = {"select": 0}
+    original = method.select
+
+    def counting(*args, **kwargs):
+        calls["select"] += 1
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(method, "select", counting)
+    return calls
+
+
+@pytest.mark.parametrize("name", ["ashape", "vertical-slash", "flexprefill", "minference-search"])
+def test_gate_says_dense_without_building_the_index(monkeypatch, name):
+    from sparseforge.methods.attention import base
+
+    q, k, v = random_qkv(256, 4, 2, seed=8)
+    dense_params = {"ashape": dict(sinks=8, window=256), "vertical-slash": dict(last_queries=8, vertical=8, slash=256),
+                    "flexprefill": dict(gamma=0.99)}
+    method = _search_with_state([[-1, -1, -1, 0]]) if name == "minference-search" else make(name, block_size=8, kernel="flex", **dense_params[name])
+    method.gate = AttentionGate({0.3: 64})  # sparse from 64 tokens at densities up to 0.3
+    calls = _count_index_calls(monkeypatch, method)
+    monkeypatch.setattr(base, "last_query_probs", lambda *a, **kw: pytest.fail("the index's attention was computed"))
+    assert method.run_prefill(None, 0, q, k, v, 0.25) is None  # the model's SDPA runs
+    stat = method.stats[0]
+    assert calls["select"] == 0 and stat["path"] == "sdpa" and stat["density"] is None and stat["predicted"] > 0.3
+    # Below the crossover length nothing is predicted either.
+    monkeypatch.setattr(method, "predicted_density", lambda *a: pytest.fail("predicted below the crossover"))
+    assert method.run_prefill(None, 0, q[:, :, :32], k[:, :, :32], v[:, :, :32], 0.25) is None
+    assert calls["select"] == 0 and method.stats[0]["predicted"] is None
+
+
+def test_gate_builds_the_index_once_when_the_prediction_is_sparse(monkeypatch):
+    q, k, v = random_qkv(256, 4, 2, seed=8)
+    method = make("ashape", block_size=8, sinks=8, window=8)  # density 0.12
+    method.gate = AttentionGate({0.3: 64})
+    calls = _count_index_calls(monkeypatch, method)
+    out = method.run_prefill(None, 0, q, k, v, 0.25)
+    assert calls["select"] == 1 and method.stats[0]["path"] == "sparse"
+    torch.testing.assert_close(out, dense_reference(q, k, v, method.selection(q, k, 0.25), 0.25), atol=2e-6, rtol=1e-5)
+
+
+def test_quest_gated_off_computes_and_keeps_no_page_summaries(monkeypatch):
+    from sparseforge.methods.attention import quest as quest_module
+
+    quest = make("quest", page_size=4, token_budget=12, gate="auto")
+    monkeypatch.setattr(quest_module, "page_bounds", lambda *a: pytest.fail("page summaries computed while gated off"))
+    q, k = torch.randn(1, 4, 1, 8), torch.randn(1, 2, 640, 8)
+    for step in range(3):
+        assert quest.run_decode(None, 0, q, k[:, :, :600 + step], k[:, :, :600 + step], 1.0) is None
+    assert quest.steps == {"sparse": 0, "dense": 3} and quest._pages == {}

@@ -36,6 +36,18 @@ def ashape_selection(batch: int, heads: int, length: int, block: int, sinks: int
     return BlockSelection(index.expand(batch, heads, n, width).contiguous(), count.expand(batch, heads, n).contiguous(), block, length)
 
 
+def ashape_density(length: int, block: int, sinks: int, window: int) -> float:
+    """The density of `ashape_selection`, in closed form (no index): query block i attends min(i + 1, window
+    blocks) local blocks and the sink blocks that lie before its band."""
+    n = num_blocks(length, block)
+    sink_blocks = min(n, num_blocks(sinks, block)) if sinks > 0 else 0
+    window_blocks = max(1, num_blocks(window, block))
+    i = torch.arange(n, dtype=torch.float64)
+    local = torch.clamp(i + 1, max=window_blocks)
+    sink = torch.clamp(i - window_blocks + 1, min=0, max=sink_blocks)
+    return float((local + sink).sum()) / (n * (n + 1) / 2)
+
+
 @register
 class AShape(SparsePrefill):
     name = "ashape"
@@ -55,3 +67,7 @@ class AShape(SparsePrefill):
     def select(self, q, k, scale, heads, index):
         p = self.params
         return ashape_selection(q.shape[0], len(heads), q.shape[2], p.block_size, p.sinks, p.window, q.device)
+
+    def predicted_density(self, q, k, scale, heads, index):
+        p = self.params  # static pattern: the prediction is exact
+        return torch.full((len(heads),), ashape_density(q.shape[2], p.block_size, p.sinks, p.window), dtype=torch.float64)

@@ -276,14 +276,26 @@ class SparsePrefill(SparseAttention):
         sel = self.select(q, k, scale, heads, index)
         return with_diagonal(sel)
 
+    def predicted_density(self, q, k, scale, heads: torch.Tensor, index: int) -> torch.Tensor | None:
+        """Per head of `heads` (`[len(heads)]`), a cheap estimate of the density `select` would reach, computed
+        before its index and far cheaper than it; None: no estimate, the index decides. The speed gate sends a
+        prompt to SDPA when the layer's mean estimate already exceeds what it allows, so the index of a prompt
+        that would run dense anyway is never built."""
+        return None
+
     def run_prefill(self, module, index: int, q, k, v, scale):
         length = q.shape[2]
         forced = self.params.gate == "always"
         # The saved table was measured on CPU; other devices use theirs (none measured yet: dense).
         gate = self.gate if q.device.type == "cpu" else AttentionGate(crossover_table(q.device.type, self.params.kernel))
-        if not forced and length < gate.min_tokens():
-            self._note(index, length, None, "sdpa")
-            return None
+        if not forced:
+            if length < gate.min_tokens() or not gate.sparse_wins(length, 0.0):
+                self._note(index, length, None, "sdpa")
+                return None
+            guess = self.predicted_density(q, k, scale, torch.arange(q.shape[1], device=q.device), index)
+            if guess is not None and not gate.sparse_wins(length, float(guess.mean())):
+                self._note(index, length, None, "sdpa", float(guess.mean()))
+                return None
         sel = self.selection(q, k, scale, index)
         density = sel.density()
         if not forced and not gate.sparse_wins(length, density):
@@ -292,9 +304,11 @@ class SparsePrefill(SparseAttention):
         self._note(index, length, density, "sparse")
         return block_sparse_attention(q, k, v, sel, scale, self.params.kernel)
 
-    def _note(self, index, length, density, path) -> None:
+    def _note(self, index, length, density, path, predicted=None) -> None:
+        # density: of the built selection (None where the gate decided before building it); predicted: the
+        # estimate that made the gate say dense without an index.
         if self.record:
-            self.stats[index] = {"length": length, "density": density, "path": path}
+            self.stats[index] = {"length": length, "density": density, "path": path, "predicted": predicted}
 
     def report(self, state: RuntimeState) -> dict:
         return {"slot": self.slot, "gate": self.params.gate, "kernel": self.params.kernel, "block_size": self.params.block_size}
@@ -349,6 +363,31 @@ def last_query_probs(q: torch.Tensor, k: torch.Tensor, scale: float, heads: torc
         scores[..., L - window:].masked_fill_(future, float("-inf"))
         out[:, rows] = scores.softmax(-1)
     return out
+
+
+def pooled_query_columns(q: torch.Tensor, k: torch.Tensor, scale: float, heads: torch.Tensor, window: int, block: int) -> torch.Tensor:
+    """The attention of one pooled query per head (the mean of the last `window` queries) over the keys, summed
+    per key block: `[b, len(heads), n]`. A cheap stand-in for `last_query_probs` (one query row per head instead of
+    `window`), used to predict a pattern's density before its index is built."""
+    b, hq, L, d = q.shape
+    window = min(window, L)
+    kvh = kv_heads_of(heads, hq, k.shape[1])
+    qm = q[:, heads, L - window:].float().mean(2)  # [b, h, d]
+    scores = torch.empty(b, len(heads), L, dtype=torch.float32, device=q.device)
+    for g in torch.unique(kvh).tolist():  # one small GEMM per KV head, no copy of the keys per query head
+        rows = (kvh == g).nonzero().flatten()
+        scores[:, rows] = qm[:, rows] @ k[:, g].float().transpose(-1, -2)
+    probs = (scores * scale).softmax(-1)
+    n = num_blocks(L, block)
+    return torch.nn.functional.pad(probs, (0, n * block - L)).view(b, len(heads), n, block).sum(-1)
+
+
+def block_density(mask: torch.Tensor) -> torch.Tensor:
+    """Density of a `[..., n, n]` block mask as `BlockSelection.from_block_mask` would keep it (causal part, the
+    diagonal added), per leading index, float64."""
+    n = mask.shape[-1]
+    keep = (mask | torch.eye(n, dtype=torch.bool, device=mask.device)) & torch.ones(n, n, dtype=torch.bool, device=mask.device).tril()
+    return keep.sum((-1, -2)).double().cpu() / (n * (n + 1) / 2)
 
 
 def pooled(x: torch.Tensor, block: int) -> torch.Tensor:

@@ -13,9 +13,9 @@ import dataclasses
 import torch
 
 from sparseforge.kernels.block_sparse_attention import BlockSelection, num_blocks
-from sparseforge.methods.attention.base import (PrefillParams, SparsePrefill, check_fraction, check_int,
+from sparseforge.methods.attention.base import (PrefillParams, SparsePrefill, block_density, check_fraction, check_int,
                                                 kv_heads_of, last_query_probs, pooled, prefix)
-from sparseforge.methods.attention.vertical_slash import line_scores, lines_to_selection
+from sparseforge.methods.attention.vertical_slash import line_scores, lines_mask, lines_to_selection
 from sparseforge.methods.base import param, register
 
 
@@ -46,9 +46,13 @@ def js_divergence(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
 
 def pooled_block_probs(q, k, scale, heads, block: int) -> torch.Tensor:
     """Softmax of block-mean queries against block-mean keys, causal at block level: `[b, h, n, n]`."""
-    every = len(heads) == q.shape[1] and bool((heads == torch.arange(q.shape[1], device=heads.device)).all())
-    qp = pooled(q if every else q[:, heads], block)  # [b, h, n, d]; no copy of q when every head is asked for
-    kp = pooled(k, block)[:, kv_heads_of(heads, q.shape[1], k.shape[1])]
+    kvh = kv_heads_of(heads, q.shape[1], k.shape[1])
+    if len(heads) == q.shape[1] and bool((heads == torch.arange(q.shape[1], device=heads.device)).all()):
+        qp, kp = pooled(q, block), pooled(k, block)[:, kvh]  # every head: one pass, no copy of q
+    else:  # a subset (the search's heads of this pattern): pool only those query heads and their KV heads
+        qp = torch.cat([pooled(q[:, h:h + 1], block) for h in heads.tolist()], 1)
+        used = torch.unique(kvh)
+        kp = torch.cat([pooled(k[:, g:g + 1], block) for g in used.tolist()], 1)[:, torch.searchsorted(used, kvh)]
     s = qp @ kp.transpose(-1, -2) * scale
     n = s.shape[-1]
     above = torch.ones(n, n, dtype=torch.bool, device=s.device).triu(1)
@@ -91,6 +95,21 @@ class FlexPrefill(SparsePrefill):
         if estimate is None:
             estimate = pooled_block_probs(q, k, scale, heads, bs)
         return js_divergence(true, estimate[:, :, -1]) < self.params.tau, probs
+
+    def predicted_density(self, q, k, scale, heads, index):
+        # Both patterns from the pooled estimate alone (the index's cost is the last block's real attention):
+        # query-aware blocks as select builds them; the fixed lines with the estimate's last row standing in for
+        # the last block's attention (every query of that block lies n - 1 - j diagonals from key block j). The
+        # prediction per head is the sparser of the two, so the gate goes dense only when both would be dense.
+        p = self.params
+        est = pooled_block_probs(q, k, scale, heads, p.block_size)
+        aware = block_density(cumulative_mask(est, p.gamma, p.min_blocks))
+        col = est[:, :, -1]
+        columns = cumulative_mask(col, p.gamma)
+        diagonals = cumulative_mask(col.flip(-1), p.gamma)
+        columns[..., 0] = diagonals[..., 0] = True
+        fixed = block_density(lines_mask(columns, diagonals))
+        return torch.minimum(aware, fixed).mean(0)
 
     def select(self, q, k, scale, heads, index):
         p = self.params

@@ -155,6 +155,19 @@ class MInferenceSearch(SparsePrefill):
                 mask[:, rows] = with_diagonal(cand.select(q, k, scale, heads[rows], index)).block_mask()
         return BlockSelection.from_block_mask(mask, bs, L)
 
+    def predicted_density(self, q, k, scale, heads, index):
+        """Each head's chosen pattern predicts its own density (dense heads: 1); None if one pattern cannot."""
+        row = self.choice[index][heads.cpu()] if index < len(self.choice) else torch.full((len(heads),), DENSE)
+        out = torch.ones(len(heads), dtype=torch.float64)
+        for c, cand in enumerate(self.candidates()):
+            rows = (row == c).nonzero().flatten()
+            if len(rows):
+                guess = cand.predicted_density(q, k, scale, heads[rows.to(heads.device)], index)
+                if guess is None:
+                    return None
+                out[rows] = guess.double().cpu()
+        return out
+
     def report(self, state) -> dict:
         out = super().report(state)
         choice = state.tensors.get("choice")

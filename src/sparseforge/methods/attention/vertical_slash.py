@@ -12,7 +12,8 @@ import dataclasses
 import torch
 
 from sparseforge.kernels.block_sparse_attention import BlockSelection, num_blocks
-from sparseforge.methods.attention.base import (PrefillParams, SparsePrefill, check_int, last_query_probs, prefix)
+from sparseforge.methods.attention.base import (PrefillParams, SparsePrefill, block_density, check_int, last_query_probs,
+                                                pooled_query_columns, prefix)
 from sparseforge.methods.base import param, register
 
 
@@ -39,14 +40,29 @@ def line_scores(probs: torch.Tensor, block: int, length: int) -> tuple[torch.Ten
     return col, diag
 
 
-def lines_to_selection(columns: torch.Tensor, diagonals: torch.Tensor, length: int, block: int) -> BlockSelection:
-    """Columns `[b, h, n]` and diagonals `[b, h, n]` (bool) -> the selection of their causal blocks."""
+def lines_mask(columns: torch.Tensor, diagonals: torch.Tensor) -> torch.Tensor:
+    """Columns `[b, h, n]` and diagonals `[b, h, n]` (bool) -> their `[b, h, n, n]` block mask."""
     n = columns.shape[-1]
     i = torch.arange(n, device=columns.device)
     mask = columns[:, :, None, :].expand(-1, -1, n, -1).clone()
     j = i[:, None] - i[None, :]  # distance of key block j from query block i
     mask |= diagonals.gather(2, j.clamp(min=0).flatten().expand(*columns.shape[:2], -1)).view(*columns.shape[:2], n, n) & (j >= 0)
-    return BlockSelection.from_block_mask(mask, block, length)
+    return mask
+
+
+def lines_to_selection(columns: torch.Tensor, diagonals: torch.Tensor, length: int, block: int) -> BlockSelection:
+    """Columns `[b, h, n]` and diagonals `[b, h, n]` (bool) -> the selection of their causal blocks."""
+    return BlockSelection.from_block_mask(lines_mask(columns, diagonals), block, length)
+
+
+def top_lines(col: torch.Tensor, diag: torch.Tensor, nv: int, ns: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The top `nv` key blocks and `ns` block diagonals by score (`[b, h, n]` each), the first of each always."""
+    col, diag = col.clone(), diag.clone()
+    col[..., 0] = float("inf")  # sinks
+    diag[..., 0] = float("inf")  # the local diagonal
+    columns = torch.zeros_like(col, dtype=torch.bool).scatter_(2, col.topk(nv, -1).indices, True)
+    diagonals = torch.zeros_like(diag, dtype=torch.bool).scatter_(2, diag.topk(ns, -1).indices, True)
+    return columns, diagonals
 
 
 @register
@@ -70,10 +86,18 @@ class VerticalSlash(SparsePrefill):
         L, bs = q.shape[2], p.block_size
         n = num_blocks(L, bs)
         col, diag = line_scores(last_query_probs(q, k, scale, heads, p.last_queries), bs, L)
-        col[..., 0] = float("inf")  # sinks
-        diag[..., 0] = float("inf")  # the local diagonal
-        nv = min(n, num_blocks(p.vertical, bs))
-        ns = min(n, num_blocks(p.slash, bs))
-        columns = torch.zeros_like(col, dtype=torch.bool).scatter_(2, col.topk(nv, -1).indices, True)
-        diagonals = torch.zeros_like(diag, dtype=torch.bool).scatter_(2, diag.topk(ns, -1).indices, True)
+        columns, diagonals = top_lines(col, diag, min(n, num_blocks(p.vertical, bs)), min(n, num_blocks(p.slash, bs)))
         return lines_to_selection(columns, diagonals, L, bs)
+
+    def predicted_density(self, q, k, scale, heads, index):
+        p = self.params
+        L, bs = q.shape[2], p.block_size
+        n = num_blocks(L, bs)
+        nv, ns = min(n, num_blocks(p.vertical, bs)), min(n, num_blocks(p.slash, bs))
+        if nv >= n or ns >= n:  # every key block or every diagonal: all causal blocks, exactly
+            return torch.ones(len(heads), dtype=torch.float64)
+        # The same line choice from one pooled query per head (1 / last_queries of the index's cost). That query
+        # stands at the end, so a key block j lies n - 1 - j diagonals back.
+        col = pooled_query_columns(q, k, scale, heads, p.last_queries, bs)
+        columns, diagonals = top_lines(col, col.flip(-1), nv, ns)
+        return block_density(lines_mask(columns, diagonals)).mean(0)
