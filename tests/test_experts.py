@@ -170,3 +170,11 @@ def test_bad_parameters_give_one_line_errors(name, tokenizer):
         _compress(tiny_model("mixtral"), tokenizer, name, ratio=0.2)
     with pytest.raises(UserInputError, match="no mixture-of-experts block"):
         _compress(tiny_model("llama"), tokenizer, name, ratio=0.5)
+
+
+@pytest.mark.parametrize("preset, kept", [("expert-prune-25", 3), ("expert-prune-50", 2), ("heapr-25", 3), ("heapr-50", 2), ("merge-experts-50", 2)])
+def test_presets_keep_the_stated_share_of_experts(preset, kept, tokenizer):
+    recipe = sparseforge.load_recipe(preset)
+    recipe.calibration = CAL  # the presets' 32 x 512 tokens are for real models
+    out, report = sparseforge.compress(tiny_model("olmoe"), recipe, tokenizer, progress=False)
+    assert [b.num_experts for b in find_moe_blocks(out)] == [kept, kept] and out.config.num_experts == kept
