@@ -129,8 +129,10 @@ def render(doc: dict) -> str:
         lines.append(f"| {r['row']} | {r.get('experts', '-')} | {r['params'] / 1e6:.2f} M | {f('perplexity', '{:.3f}')} | {f('kl_to_reference', '{:.4f}')} | "
                      f"{f('top1_agreement', '{:.3f}')} | {f('passkey_accuracy', '{:.3f}')} | {mb(r['size_bytes'])} | {mb(r['weights_bytes'])} | {mb(r['compact_size_bytes'])} | "
                      f"{'yes' if r.get('loads_with_transformers') else 'NO'} | {f('compress_seconds', '{:.1f}')} |")
+    trained = doc.get("model_training") or {}
+    trained = f", checkpoint of step {trained['steps']} ({trained['tokens_seen']} training tokens)" if "steps" in trained else ""
     md = (f"# Expert pruning and merging on the MoE reference model\n\nModel: `{doc['model']}` ({doc['experts']} experts per block, top-{doc['top_k']}, "
-          f"{len(doc['rows'][0]['expert_load'])} MoE layers). Machine: {doc['machine']}. Produced by `benchmarks/moe_experts.py{doc['args']}`. "
+          f"{len(doc['rows'][0]['expert_load'])} MoE layers{trained}). Machine: {doc['machine']}. Produced by `benchmarks/moe_experts.py{doc['args']}`. "
           f"Calibration: {cal['samples']} samples x {cal['seq_len']} tokens of the bundled calibration text. Perplexity on the held-out plays"
           f"{' (first ' + str(s['max_tokens']) + ' tokens)' if s.get('max_tokens') else ''}; KL and top-1 agreement to the dense model on "
           f"{s.get('fidelity_max_windows')} windows; passkey: {s['retrieval_per_cell']} episodes per (length, depth) cell. dir MB counts every file "
@@ -170,8 +172,8 @@ def main() -> None:
     if not blocks:
         raise SystemExit(f"{args.model} has no MoE block")
     cal = CalibrationConfig(samples=32, seq_len=512)
-    settings = {"max_tokens": 32768, "retrieval_per_cell": 2, "fidelity_max_windows": 32}
-    hist = {"max_tokens": 16384, "seq_len": 512}
+    settings = {"max_tokens": 16384, "retrieval_per_cell": 2, "fidelity_max_windows": 16}
+    hist = {"max_tokens": 8192, "seq_len": 512}
     name = args.out
     if args.quick:
         cal = CalibrationConfig(samples=4, seq_len=256)
@@ -193,7 +195,10 @@ def main() -> None:
     env = environment()
     machine = (f"{env['cpu']} ({env['cpu_count']} cores), {env['device']}, torch {env['torch']}, transformers {env['transformers']}, "
                f"{args.threads} torch thread(s), shared machine, load average {load[0]:.2f} at the start and {load_after[0]:.2f} at the end")
-    doc = {"model": str(args.model), "experts": blocks[0].num_experts, "top_k": blocks[0].top_k, "environment": env, "machine": machine,
+    info_path = pathlib.Path(args.model, "training_info.json")
+    info = json.loads(info_path.read_text()) if info_path.is_file() else {}
+    model_info = {k: info[k] for k in ("steps", "tokens_seen", "final", "last_validation") if k in info}
+    doc = {"model": str(args.model), "model_training": model_info, "experts": blocks[0].num_experts, "top_k": blocks[0].top_k, "environment": env, "machine": machine,
            "args": (" --quick" if args.quick else "") + (f" --rows {args.rows}" if args.rows != ",".join(DEFAULT_ROWS) else ""),
            "calibration": vars(cal), "settings": settings, "histogram": {k: v for k, v in hist.items() if k != "text"}, "rows": rows}
     OUT.mkdir(exist_ok=True)
