@@ -116,6 +116,91 @@ def measure_row(name, model, dense, tokenizer, recipe, settings, tmp, hist, n_ex
     return row
 
 
+def _rank(values: list[float]) -> torch.Tensor:
+    return torch.argsort(torch.argsort(torch.tensor(values, dtype=torch.float64))).double()
+
+
+def spearman(a: list[float], b: list[float]) -> float:
+    ra, rb = _rank(a), _rank(b)
+    ra, rb = ra - ra.mean(), rb - rb.mean()
+    return float((ra * rb).sum() / (ra.norm() * rb.norm()))
+
+
+@torch.no_grad()
+def ablation(dense, tokenizer, cal: CalibrationConfig, windows: int, seq_len: int) -> dict:
+    """Ground truth for the scores: the held-out loss increase when one expert of one layer is taken away, the others
+    kept, measured two ways. 'reroute': the router may no longer pick it (its logit is masked before softmax and
+    top-k, the routing weights renormalised when the model renormalises them), which is what removal does;
+    'zero': it is still picked but outputs nothing, which is what HEAPr's second-order term models. The scores
+    (frequency, HEAPr) are the calibration-text ones a heapr stage reports."""
+    _, report = sparseforge.compress(dense, Recipe("probe", [Stage("heapr", get_method("heapr").parse_params({"ratio": 0.25}))], cal), tokenizer, progress=False)
+    layers = report["stages"][0]["layers"]
+    ids = encode(tokenizer, read_text("heldout"))[: windows * seq_len]
+    batches = [torch.tensor([ids[s:s + seq_len]]) for s in range(0, len(ids) - seq_len + 1, seq_len)]
+    loss = lambda: sum(float(dense(input_ids=b, labels=b, use_cache=False).loss) for b in batches) / len(batches)  # noqa: E731
+    base = loss()
+    blocks = find_moe_blocks(dense)
+    out = {"base_loss": base, "layers": {}}
+    for b in blocks:
+        normalised = None
+        rows = {"reroute": [], "zero": []}
+        for e in range(b.num_experts):
+            def reroute(module, args, kwargs, e=e, b=b):
+                hidden = args[0]
+                logits = torch.nn.functional.linear(hidden, b.router.weight)
+                logits[:, e] = float("-inf")
+                probs = torch.softmax(logits.float(), -1)
+                w, idx = probs.topk(b.top_k, -1)
+                renorm = torch.allclose(args[2].sum(-1), torch.ones(()), atol=1e-4)
+                w = w / w.sum(-1, keepdim=True) if renorm else w
+                return (hidden, idx, w.to(hidden.dtype)), kwargs
+            h = b.experts.register_forward_pre_hook(reroute, with_kwargs=True)
+            try:
+                rows["reroute"].append(loss() - base)
+            finally:
+                h.remove()
+            down = b.expert_weights(e)["down"]
+            saved = down.clone()
+            down.zero_()
+            try:
+                rows["zero"].append(loss() - base)
+            finally:
+                down.copy_(saved)
+        lay = layers[str(b.layer_index)]
+        scores = {"frequency": lay["frequency"], "heapr_atomic": lay["saliency_atomic_sum"], "heapr_expert": lay["saliency_expert"]}
+        k = int(b.num_experts * 0.25 + 1e-9)
+        lowest = lambda v: sorted(sorted(range(len(v)), key=lambda i: (v[i], i))[:k])  # noqa: E731
+        out["layers"][str(b.layer_index)] = {
+            "delta_loss": rows, **scores,
+            "spearman": {f"{s} vs {t}": round(spearman(scores[s], rows[t]), 3) for s in scores for t in rows},
+            "removed_at_25": {"oracle_reroute": lowest(rows["reroute"]), "oracle_zero": lowest(rows["zero"]),
+                              **{s: lowest(v) for s, v in scores.items()}},
+        }
+        print(b.layer_index, out["layers"][str(b.layer_index)]["spearman"], flush=True)
+    return out
+
+
+def render_ablation(doc: dict) -> str:
+    md = (f"# Which experts matter: single-expert ablations vs. the pruning scores\n\nModel: `{doc['model']}`. Machine: {doc['machine']}. "
+          f"Produced by `benchmarks/moe_experts.py --ablation`. Held-out loss change when one expert of one layer is removed "
+          f"(base loss {doc['base_loss']:.4f}, {doc['tokens']} held-out tokens): 'reroute' masks its router logit (what removal does), "
+          "'zero' keeps routing and zeroes its output (what HEAPr's second-order term models). Scores from a heapr stage on "
+          f"{doc['calibration']['samples']} x {doc['calibration']['seq_len']} calibration tokens. Spearman rank correlation per layer "
+          "(positive: the score ranks experts like their measured importance).\n\n")
+    pairs = list(next(iter(doc["layers"].values()))["spearman"])
+    md += "| layer | " + " | ".join(pairs) + " |\n|---|" + "---|" * len(pairs) + "\n"
+    for i, lay in doc["layers"].items():
+        md += f"| {i} | " + " | ".join(f"{lay['spearman'][p]:.2f}" for p in pairs) + " |\n"
+    md += "\nExperts each criterion removes at 25%, against the two oracles:\n\n| layer | oracle reroute | oracle zero | frequency | heapr atomic | heapr expert |\n|---|---|---|---|---|---|\n"
+    for i, lay in doc["layers"].items():
+        r = lay["removed_at_25"]
+        md += f"| {i} | {r['oracle_reroute']} | {r['oracle_zero']} | {r['frequency']} | {r['heapr_atomic']} | {r['heapr_expert']} |\n"
+    md += "\nHeld-out loss change per expert (reroute / zero):\n\n| layer | " + " | ".join(f"e{e}" for e in range(doc["experts"])) + " |\n|---|" + "---|" * doc["experts"] + "\n"
+    for i, lay in doc["layers"].items():
+        md += f"| {i} | " + " | ".join(f"{a:+.4f} / {z:+.4f}" for a, z in zip(lay["delta_loss"]["reroute"], lay["delta_loss"]["zero"])) + " |\n"
+    return md
+
+
 def render(doc: dict) -> str:
     env, cal, s = doc["environment"], doc["calibration"], doc["settings"]
     mb = lambda b: "-" if b is None else f"{b / 1e6:.2f}"  # noqa: E731
@@ -162,6 +247,7 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="few tokens and episodes, for a smoke run (writes NAME_quick.*)")
     ap.add_argument("--out", default="moe_experts")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--ablation", action="store_true", help="instead: single-expert ablations vs. the scores (writes NAME_ablation.*)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     if not pathlib.Path(args.model, "config.json").is_file():
@@ -181,6 +267,20 @@ def main() -> None:
         hist = {"max_tokens": 2048, "seq_len": 512}
         name += "_quick"
     hist["text"] = read_text("heldout")
+    if args.ablation:
+        load = os.getloadavg()
+        windows = 2 if args.quick else 8
+        doc = {"model": str(args.model), "experts": blocks[0].num_experts, "calibration": vars(cal), "tokens": windows * 512,
+               **ablation(dense, tokenizer, cal, windows, 512)}
+        env = environment()
+        doc["machine"] = (f"{env['cpu']} ({env['cpu_count']} cores), {env['device']}, torch {env['torch']}, {args.threads} torch thread(s), "
+                          f"shared machine, load average {load[0]:.2f} at the start and {os.getloadavg()[0]:.2f} at the end")
+        OUT.mkdir(exist_ok=True)
+        (OUT / f"{name}_ablation.json").write_text(json.dumps(doc, indent=2, default=str) + "\n")
+        md = render_ablation(doc)
+        (OUT / f"{name}_ablation.md").write_text(md)
+        print(md)
+        return
     rows = []
     load = os.getloadavg()
     with tempfile.TemporaryDirectory() as tmp:
