@@ -2,7 +2,8 @@
 they register): the stage report's schema; a save -> load round trip, in dense and compact storage, that gives
 back the same weights, the same runtime state, the same logits and the same greedy tokens; and for runtime
 methods, that detaching leaves the model computing exactly what it computed before the stage was attached.
-Each method runs with its `example_params()` on a tiny Llama."""
+Each method runs with its `example_params()` on a tiny Llama (or the tiny architecture its class names in
+`contract_architecture`, e.g. Mixtral for expert methods)."""
 from __future__ import annotations
 
 import json
@@ -44,7 +45,8 @@ def test_method_contract(name, storage, tokenizer, tmp_path):
     cls = METHODS[name]
     params = cls.parse_params(cls.example_params(), f"{name}.example_params()")
     recipe = Recipe(f"contract-{name}", [Stage(name, params)], CalibrationConfig(**CALIBRATION))
-    model = tiny_model("llama")
+    # Methods that need a model family (expert methods: an MoE model) name the tiny architecture they run on.
+    model = tiny_model(getattr(cls, "contract_architecture", "llama"))
     ids = torch.randint(0, 4096, (2, 24), generator=torch.Generator().manual_seed(1))
     before, before_tokens = _logits(model, ids), _generated(model, ids)
 
