@@ -44,7 +44,7 @@ def test_method_contract(name, storage, tokenizer, tmp_path):
     cls = METHODS[name]
     params = cls.parse_params(cls.example_params(), f"{name}.example_params()")
     recipe = Recipe(f"contract-{name}", [Stage(name, params)], CalibrationConfig(**CALIBRATION))
-    model = tiny_model("llama")
+    model = tiny_model(getattr(cls, "example_architecture", "llama"))  # MoE methods name a MoE architecture
     ids = torch.randint(0, 4096, (2, 24), generator=torch.Generator().manual_seed(1))
     before, before_tokens = _logits(model, ids), _generated(model, ids)
 

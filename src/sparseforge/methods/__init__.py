@@ -4,6 +4,7 @@ from sparseforge.methods import kv  # noqa: F401
 from sparseforge.methods import activations  # noqa: F401
 from sparseforge.methods import training  # noqa: F401
 from sparseforge.methods import attention  # noqa: F401
+from sparseforge.methods import experts  # noqa: F401
 from sparseforge.methods.base import (REGISTRY, AttachedStage, Method, RuntimeContext, RuntimeMethod, RuntimeState, all_methods,
                                       get_method, register)
 

@@ -1,0 +1,269 @@
+"""Expert offloading (expert-offload): peak memory and decode speed against everything in memory, with and without
+prefetch, for one or two cache sizes, on (a) the bundled MoE reference model and (b) a random-weight Mixtral with
+larger experts, where the memory effect is clear.
+
+Each variant runs in a fresh subprocess (kv_common.run_cell) that loads its artifact with `sparseforge.load`, so the
+offload variants never build their experts (the loader leaves them to the stage), prefills a prompt and decodes
+greedily through the cache, one token per step. Reported per variant:
+- peak RSS: VmHWM of the whole process, which counts file-backed pages too. The in-memory baseline loads through
+  transformers' safetensors reader; the offload stage reads experts with positioned reads (no mmap), so its file
+  pages are the kernel's page cache, outside the process. RssAnon and RssFile at the end of decoding are given as
+  well, so a reader can see which kind each variant's memory is;
+- expert bytes resident at the peak, exactly: every expert tensor for the baseline, the allocated cache slots for
+  offloading (their buffers exist for the whole run, so they are resident at the peak whatever the peak's moment);
+- decode tokens/s: median over steps after warm-up steps;
+- cache and prefetch hit rates (prefetch: predicted experts that the next layer then routed to).
+Disk reads come from the page cache here (the artifact was just written; this machine has RAM to spare), so
+"disk" means page cache -> process memory, the best case for offloading. Greedy tokens are compared with the
+baseline's (they must be equal).
+
+    python benchmarks/moe_offload.py                    # both models, CPU
+    python benchmarks/moe_offload.py --device cuda      # storage cpu -> GPU, torch.cuda.max_memory_allocated
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pathlib
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+import kv_common  # noqa: E402
+
+HERE = pathlib.Path(__file__).resolve().parent
+MOE_REFERENCE = [HERE.parent / "src" / "sparseforge" / "assets" / "reference-moe",
+                 pathlib.Path("/work/wt-m2/src/sparseforge/assets/reference-moe")]
+RANDOM_MIXTRAL = dict(hidden_size=1024, intermediate_size=1792, num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=2,
+                      num_local_experts=8, num_experts_per_tok=2, vocab_size=4096, max_position_embeddings=2048,
+                      tie_word_embeddings=True)
+
+
+def _status(field: str) -> int:
+    return kv_common._status_kib(field) * 1024
+
+
+# ------------------------------------------------------------------------------------------------ one cell
+def cell(spec: dict) -> dict:
+    import statistics
+    import threading
+
+    import torch
+
+    torch.set_num_threads(spec.get("threads", 1))
+    import sparseforge
+
+    device = spec["device"]
+    peak_anon = [0]
+    stop = threading.Event()
+
+    def sample():  # /proc has no peak of RssAnon alone: sample it (every 2 ms)
+        while not stop.is_set():
+            peak_anon[0] = max(peak_anon[0], _status("RssAnon"))
+            time.sleep(0.002)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    t0 = time.perf_counter()
+    model = sparseforge.load(spec["path"], device=device)
+    load_s = time.perf_counter() - t0
+    stages = sparseforge.runtime_stages(model)
+    method = stages[0].method if stages else None
+    after_load = {"rss": _status("VmRSS"), "anon": _status("RssAnon"), "file": _status("RssFile")}
+    from sparseforge.core.moe import find_moe_blocks
+
+    blocks = find_moe_blocks(model)
+    expert_bytes = sum(getattr(b.experts, n).numel() * getattr(b.experts, n).element_size()
+                       for b in blocks for n in ("gate_up_proj", "down_proj"))
+    g = torch.Generator().manual_seed(0)
+    prompt = torch.randint(0, model.config.vocab_size, (1, spec["prompt"]), generator=g).to(device)
+    from transformers import DynamicCache
+
+    times, tokens = [], []
+    with torch.no_grad():
+        cache = DynamicCache(config=model.config)
+        out = model(input_ids=prompt, past_key_values=cache, use_cache=True)
+        nxt = out.logits[:, -1].argmax(-1, keepdim=True)
+        if method is not None:
+            method.reset_stats()  # decode statistics only (the prompt loads every expert)
+        for step in range(spec["warmup"] + spec["decode"]):
+            if device == "cuda":
+                torch.cuda.synchronize()
+            t = time.perf_counter()
+            out = model(input_ids=nxt, past_key_values=cache, use_cache=True)
+            nxt = out.logits[:, -1].argmax(-1, keepdim=True)
+            if device == "cuda":
+                torch.cuda.synchronize()
+            if step >= spec["warmup"]:
+                times.append(time.perf_counter() - t)
+            tokens.append(int(nxt))
+    stop.set()
+    sampler.join()
+    res = {"variant": spec["variant"], "load_s": round(load_s, 2), "peak_rss": _status("VmHWM"), "peak_anon_sampled": peak_anon[0],
+           "end_rss_anon": _status("RssAnon"), "end_rss_file": _status("RssFile"), "after_load": after_load,
+           "decode_tokens_per_s": 1.0 / statistics.median(times), "decode_steps": len(times), "tokens": tokens}
+    if method is not None:
+        stats = method.stats()
+        res |= {"expert_bytes": stats["expert_bytes"], "expert_bytes_resident": stats["cache_bytes"], "stats": stats}
+    else:
+        res |= {"expert_bytes": expert_bytes, "expert_bytes_resident": expert_bytes}
+    if device == "cuda":
+        res["cuda_max_allocated"] = torch.cuda.max_memory_allocated()
+    return res
+
+
+# ------------------------------------------------------------------------------------------------ artifacts
+def _artifact(src: pathlib.Path, out: pathlib.Path, stage: dict | None) -> pathlib.Path:
+    """`src` loaded and saved with sparseforge (with the offload stage attached when `stage` is given)."""
+    import torch
+
+    import sparseforge
+
+    if out.exists():
+        return out
+    model = sparseforge.load(src)
+    tokenizer = None
+    if stage is not None:
+        sparseforge.attach_method(model, "expert-offload", stage)
+    sparseforge.save(model, out, tokenizer)
+    del model
+    return out
+
+
+def _variant(base: pathlib.Path, out: pathlib.Path, params: dict) -> pathlib.Path:
+    """A copy of the offload artifact `base` (weights hard-linked, not copied) whose stage has `params`."""
+    if out.exists():
+        shutil.rmtree(out)
+    out.mkdir(parents=True)
+    for f in base.iterdir():
+        if f.suffix == ".safetensors":
+            os.link(f, out / f.name)
+        elif f.is_file():
+            shutil.copyfile(f, out / f.name)
+    info = json.loads((out / "sparseforge.json").read_text())
+    info["runtime"]["stages"][0]["params"].update(params)
+    (out / "sparseforge.json").write_text(json.dumps(info, indent=2))
+    return out
+
+
+def _random_mixtral(out: pathlib.Path) -> pathlib.Path:
+    import torch
+    import transformers
+
+    if out.exists():
+        return out
+    config = transformers.MixtralConfig(**RANDOM_MIXTRAL)
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(config).eval()
+    model.save_pretrained(out)
+    tok_src = next((p for p in MOE_REFERENCE if p.is_dir()), kv_common.REFERENCE_MODEL)
+    for f in ("tokenizer.json", "tokenizer_config.json"):
+        if (tok_src / f).is_file():
+            shutil.copyfile(tok_src / f, out / f)
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--cell")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--models", nargs="+", default=["reference-moe", "random-mixtral"])
+    ap.add_argument("--caches", nargs="+", type=int, default=[2, 4])
+    ap.add_argument("--prompt", type=int, default=16)
+    ap.add_argument("--decode", type=int, default=48)
+    ap.add_argument("--warmup", type=int, default=4)
+    ap.add_argument("--work", default=None, help="scratch directory for the artifacts (default: a temporary one)")
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+    if args.cell:
+        print(json.dumps(cell(json.loads(args.cell))))
+        return
+    import torch
+
+    torch.set_num_threads(1)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print("moe_offload: no CUDA device; skipping the GPU variant")
+        return
+    storage = "cpu" if args.device == "cuda" else "disk"
+    work = pathlib.Path(args.work) if args.work else pathlib.Path(tempfile.mkdtemp(prefix="moe-offload-"))
+    work.mkdir(parents=True, exist_ok=True)
+    load = os.getloadavg()
+    doc = {"machine": kv_common.machine(1), "load_average": load, "device": args.device, "storage": storage,
+           "prompt_tokens": args.prompt, "decode_steps": args.decode, "warmup_steps": args.warmup, "models": {}}
+    for name in args.models:
+        if name == "reference-moe":
+            src = next((p for p in MOE_REFERENCE if (p / "config.json").is_file()), None)
+            if src is None:
+                print("moe_offload: no bundled MoE reference model yet; skipping it")
+                continue
+        else:
+            src = _random_mixtral(work / "random-mixtral-src")
+        plain = _artifact(src, work / f"{name}-plain", None)
+        base = _artifact(src, work / f"{name}-offload", {"storage": storage, "cache_experts": max(args.caches), "prefetch": True})
+        specs = [("in memory", plain)]
+        for c in args.caches:
+            for prefetch in (False, True):
+                label = f"offload cache {c}" + (" + prefetch" if prefetch else "")
+                specs.append((label, _variant(base, work / f"{name}-c{c}-p{int(prefetch)}",
+                                              {"cache_experts": c, "prefetch": prefetch, "storage": storage})))
+        rows = []
+        for label, path in specs:
+            spec = {"variant": label, "path": str(path), "device": args.device, "prompt": args.prompt, "decode": args.decode,
+                    "warmup": args.warmup, "threads": 1}
+            res = kv_common.run_cell(sys.executable, pathlib.Path(__file__).resolve(), spec, timeout=900)
+            print(json.dumps({k: v for k, v in res.items() if k != "tokens"})[:400], flush=True)
+            rows.append(res)
+        base_tokens = rows[0].get("tokens")
+        for r in rows:
+            r["tokens_equal_in_memory"] = r.get("tokens") == base_tokens
+        import transformers
+
+        cfg = transformers.AutoConfig.from_pretrained(src)
+        doc["models"][name] = {"source": str(src), "config": {k: getattr(cfg, k, None) for k in
+                               ("hidden_size", "intermediate_size", "num_hidden_layers", "num_local_experts", "num_experts_per_tok")},
+                               "rows": rows}
+    doc["load_average_end"] = os.getloadavg()
+    out = args.out or ("moe_offload" if args.device == "cpu" else "moe_offload_gpu")
+    kv_common.write(out, doc, markdown(doc))
+    print(markdown(doc))
+
+
+def markdown(doc: dict) -> str:
+    m = doc["machine"]
+    lines = [f"# Expert offloading: memory and decode speed ({doc['device']}, storage {doc['storage']})", "",
+             f"Machine: {kv_common.machine_line(m)}; load average {doc['load_average'][0]:.2f} at the start, "
+             f"{doc['load_average_end'][0]:.2f} at the end. Produced by `benchmarks/moe_offload.py`.", "",
+             f"Prompt {doc['prompt_tokens']} tokens, then {doc['decode_steps']} greedy decode steps (after {doc['warmup_steps']} "
+             "warm-up steps), batch 1, one fresh process per row. Peak RSS is VmHWM (counts file-backed pages); "
+             "RssAnon/RssFile are read at the end of decoding; expert bytes resident are exact tensor bytes. "
+             "Disk reads are served from the page cache.", ""]
+    for name, model in doc["models"].items():
+        c = model["config"]
+        lines += [f"## {name}", "", f"hidden {c['hidden_size']}, expert intermediate {c['intermediate_size']}, {c['num_hidden_layers']} layers, "
+                  f"{c['num_local_experts']} experts, top-{c['num_experts_per_tok']}.", "",
+                  "| variant | peak RSS MiB | RssAnon MiB | RssFile MiB | expert MiB resident (of all) | decode tok/s | vs in memory | cache hit | prefetch hit | tokens = in memory |",
+                  "|---|---|---|---|---|---|---|---|---|---|"]
+        base = model["rows"][0].get("decode_tokens_per_s")
+        for r in model["rows"]:
+            if "error" in r:
+                lines.append(f"| {r['variant']} | error: {r['error'][:120]} |||||||||")
+                continue
+            s = r.get("stats", {})
+            rate = lambda x: "-" if x is None else f"{x:.2f}"  # noqa: E731
+            frac = r["expert_bytes_resident"] / r["expert_bytes"]
+            lines.append(f"| {r['variant']} | {kv_common.mib(r['peak_rss'])} | {kv_common.mib(r['end_rss_anon'])} | {kv_common.mib(r['end_rss_file'])} | "
+                         f"{kv_common.mib(r['expert_bytes_resident'])} of {kv_common.mib(r['expert_bytes'])} ({frac:.2f}x) | "
+                         f"{r['decode_tokens_per_s']:.1f} | {r['decode_tokens_per_s'] / base:.2f}x | {rate(s.get('cache_hit_rate'))} | "
+                         f"{rate(s.get('prefetch_hit_rate'))} | {'yes' if r['tokens_equal_in_memory'] else 'NO'} |")
+        lines.append("")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    main()
