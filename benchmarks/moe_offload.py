@@ -247,8 +247,8 @@ def markdown(doc: dict) -> str:
         c = model["config"]
         lines += [f"## {name}", "", f"hidden {c['hidden_size']}, expert intermediate {c['intermediate_size']}, {c['num_hidden_layers']} layers, "
                   f"{c['num_local_experts']} experts, top-{c['num_experts_per_tok']}.", "",
-                  "| variant | peak RSS MiB | RssAnon MiB | RssFile MiB | expert MiB resident (of all) | decode tok/s | vs in memory | cache hit | prefetch hit | tokens = in memory |",
-                  "|---|---|---|---|---|---|---|---|---|---|"]
+                  "| variant | peak RSS MiB | RssAnon MiB | RssFile MiB | expert MiB resident (of all) | decode tok/s | vs in memory | cache hit | prefetch hit | tokens = in memory | CUDA max allocated MiB |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|"]
         base = model["rows"][0].get("decode_tokens_per_s")
         for r in model["rows"]:
             if "error" in r:
@@ -260,7 +260,8 @@ def markdown(doc: dict) -> str:
             lines.append(f"| {r['variant']} | {kv_common.mib(r['peak_rss'])} | {kv_common.mib(r['end_rss_anon'])} | {kv_common.mib(r['end_rss_file'])} | "
                          f"{kv_common.mib(r['expert_bytes_resident'])} of {kv_common.mib(r['expert_bytes'])} ({frac:.2f}x) | "
                          f"{r['decode_tokens_per_s']:.1f} | {r['decode_tokens_per_s'] / base:.2f}x | {rate(s.get('cache_hit_rate'))} | "
-                         f"{rate(s.get('prefetch_hit_rate'))} | {'yes' if r['tokens_equal_in_memory'] else 'NO'} |")
+                         f"{rate(s.get('prefetch_hit_rate'))} | {'yes' if r['tokens_equal_in_memory'] else 'NO'} | "
+                         f"{kv_common.mib(r.get('cuda_max_allocated'))} |")
         lines.append("")
     return "\n".join(lines) + "\n"
 

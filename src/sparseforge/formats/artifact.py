@@ -199,7 +199,10 @@ def _load_leaving_unbuilt(path: pathlib.Path, dtype, leave: set[str]):
     missing = [n for n in wanted if n not in index.file_of]
     if missing:
         raise UserInputError(f"'{path}' lacks {len(missing)} weight(s) its config needs (e.g. '{missing[0]}'); the checkpoint is corrupt or incomplete")
+    shapes = {n: tuple(p.shape) for n, p in model.named_parameters()}
     for name, tensor in index.read(wanted).items():
+        if tuple(tensor.shape) != shapes[name]:
+            raise UserInputError(f"'{path}' stores '{name}' as {list(tensor.shape)}, its config needs {list(shapes[name])}; re-create the artifact")
         _set_tensor(model, name, tensor.to(dtype) if tensor.is_floating_point() else tensor)
     buffers = dict(model.named_buffers())
     stored = [n for n in buffers if n in index.file_of]

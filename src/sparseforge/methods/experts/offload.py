@@ -295,6 +295,7 @@ class _Runtime:
         cache = self.caches[block.layer_index]
         module = block.experts
         predicted = self.wait(block.layer_index)
+        # .tolist() waits for the device, so no kernel still reads a slot that a prefetch below may overwrite.
         needed = torch.unique(top_k_index).tolist()
         self.stats.calls += 1
         if predicted is not None:
@@ -421,6 +422,11 @@ class ExpertOffload(RuntimeMethod):
             store = MemoryExperts({k: t.detach().to("cpu").contiguous() for k, t in params.items()})
         else:
             store, scratch = self._scratch_store(params)
+        wrong = [k for k, t in params.items() if tuple(store.shape(*k)) != tuple(t.shape)]
+        if wrong:
+            store.close()
+            raise UserInputError(f"{self.name}: the stored experts of layer {wrong[0][0]} ('{wrong[0][1]}') do not match the model's "
+                                 f"shape {list(params[wrong[0]].shape)}; re-create the artifact")
         runtime = _Runtime(blocks, names, store, p, scratch)
         for b in blocks:
             router_w = b.router.weight
