@@ -118,6 +118,43 @@ def cell(spec: dict) -> dict:
     return res
 
 
+def speed_cell(spec: dict) -> dict:
+    """Decode speed of every variant of one model in one process, alternating one step of each per round (so load
+    changes on this shared machine hit all variants alike); medians after warm-up rounds."""
+    import statistics
+
+    import torch
+
+    torch.set_num_threads(spec.get("threads", 1))
+    import sparseforge
+    from transformers import DynamicCache
+
+    device = spec["device"]
+    runs = []
+    for label, path in spec["variants"]:
+        model = sparseforge.load(path, device=device)
+        g = torch.Generator().manual_seed(0)
+        prompt = torch.randint(0, model.config.vocab_size, (1, spec["prompt"]), generator=g).to(device)
+        cache = DynamicCache(config=model.config)
+        with torch.no_grad():
+            out = model(input_ids=prompt, past_key_values=cache, use_cache=True)
+        runs.append({"label": label, "model": model, "cache": cache, "next": out.logits[:, -1].argmax(-1, keepdim=True), "times": []})
+    for step in range(spec["warmup"] + spec["decode"]):
+        for r in runs:
+            if device == "cuda":
+                torch.cuda.synchronize()
+            t = time.perf_counter()
+            with torch.no_grad():
+                out = r["model"](input_ids=r["next"], past_key_values=r["cache"], use_cache=True)
+            r["next"] = out.logits[:, -1].argmax(-1, keepdim=True)
+            if device == "cuda":
+                torch.cuda.synchronize()
+            if step >= spec["warmup"]:
+                r["times"].append(time.perf_counter() - t)
+    return {r["label"]: {"tokens_per_s": 1.0 / statistics.median(r["times"]), "median_ms": 1e3 * statistics.median(r["times"]),
+                         "steps": len(r["times"])} for r in runs}
+
+
 # ------------------------------------------------------------------------------------------------ artifacts
 def _artifact(src: pathlib.Path, out: pathlib.Path, stage: dict | None) -> pathlib.Path:
     """`src` loaded and saved with sparseforge (with the offload stage attached when `stage` is given)."""
@@ -182,7 +219,8 @@ def main() -> None:
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     if args.cell:
-        print(json.dumps(cell(json.loads(args.cell))))
+        spec = json.loads(args.cell)
+        print(json.dumps(speed_cell(spec) if "variants" in spec else cell(spec)))
         return
     import torch
 
@@ -219,6 +257,12 @@ def main() -> None:
             res = kv_common.run_cell(sys.executable, pathlib.Path(__file__).resolve(), spec, timeout=900)
             print(json.dumps({k: v for k, v in res.items() if k != "tokens"})[:400], flush=True)
             rows.append(res)
+        speed = kv_common.run_cell(sys.executable, pathlib.Path(__file__).resolve(),
+                                   {"variants": [[label, str(path)] for label, path in specs], "device": args.device, "prompt": args.prompt,
+                                    "decode": args.decode, "warmup": args.warmup, "threads": 1}, timeout=1200)
+        print(json.dumps(speed)[:400], flush=True)
+        for r in rows:
+            r["alternating"] = speed.get(r["variant"]) if "error" not in speed else None
         base_tokens = rows[0].get("tokens")
         for r in rows:
             r["tokens_equal_in_memory"] = r.get("tokens") == base_tokens
@@ -240,16 +284,18 @@ def markdown(doc: dict) -> str:
              f"Machine: {kv_common.machine_line(m)}; load average {doc['load_average'][0]:.2f} at the start, "
              f"{doc['load_average_end'][0]:.2f} at the end. Produced by `benchmarks/moe_offload.py`.", "",
              f"Prompt {doc['prompt_tokens']} tokens, then {doc['decode_steps']} greedy decode steps (after {doc['warmup_steps']} "
-             "warm-up steps), batch 1, one fresh process per row. Peak RSS is VmHWM (counts file-backed pages); "
-             "RssAnon/RssFile are read at the end of decoding; expert bytes resident are exact tensor bytes. "
-             "Disk reads are served from the page cache.", ""]
+             "warm-up steps), batch 1. Memory: one fresh process per row; peak RSS is VmHWM (counts file-backed pages); "
+             "RssAnon/RssFile are read at the end of decoding; expert bytes resident are exact tensor bytes. Speed: "
+             "'alternating' runs every variant of a model in one process, one decode step of each per round, median step "
+             "(the comparable number on this shared machine); 'own process' is the median step in the row's memory process. "
+             "Disk reads are served from the page cache. Cache and prefetch hit rates count decode steps only.", ""]
     for name, model in doc["models"].items():
         c = model["config"]
         lines += [f"## {name}", "", f"hidden {c['hidden_size']}, expert intermediate {c['intermediate_size']}, {c['num_hidden_layers']} layers, "
                   f"{c['num_local_experts']} experts, top-{c['num_experts_per_tok']}.", "",
-                  "| variant | peak RSS MiB | RssAnon MiB | RssFile MiB | expert MiB resident (of all) | decode tok/s | vs in memory | cache hit | prefetch hit | tokens = in memory | CUDA max allocated MiB |",
-                  "|---|---|---|---|---|---|---|---|---|---|---|"]
-        base = model["rows"][0].get("decode_tokens_per_s")
+                  "| variant | peak RSS MiB | RssAnon MiB | RssFile MiB | expert MiB resident (of all) | decode tok/s (alternating) | vs in memory | decode tok/s (own process) | cache hit | prefetch hit | tokens = in memory | CUDA max allocated MiB |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+        alt0 = (model["rows"][0].get("alternating") or {}).get("tokens_per_s")
         for r in model["rows"]:
             if "error" in r:
                 lines.append(f"| {r['variant']} | error: {r['error'][:120]} |||||||||")
@@ -257,9 +303,11 @@ def markdown(doc: dict) -> str:
             s = r.get("stats", {})
             rate = lambda x: "-" if x is None else f"{x:.2f}"  # noqa: E731
             frac = r["expert_bytes_resident"] / r["expert_bytes"]
+            alt = (r.get("alternating") or {}).get("tokens_per_s")
+            alt_cols = f"{alt:.1f} | {alt / alt0:.2f}x" if alt and alt0 else "- | -"
             lines.append(f"| {r['variant']} | {kv_common.mib(r['peak_rss'])} | {kv_common.mib(r['end_rss_anon'])} | {kv_common.mib(r['end_rss_file'])} | "
                          f"{kv_common.mib(r['expert_bytes_resident'])} of {kv_common.mib(r['expert_bytes'])} ({frac:.2f}x) | "
-                         f"{r['decode_tokens_per_s']:.1f} | {r['decode_tokens_per_s'] / base:.2f}x | {rate(s.get('cache_hit_rate'))} | "
+                         f"{alt_cols} | {r['decode_tokens_per_s']:.1f} | {rate(s.get('cache_hit_rate'))} | "
                          f"{rate(s.get('prefetch_hit_rate'))} | {'yes' if r['tokens_equal_in_memory'] else 'NO'} | "
                          f"{kv_common.mib(r.get('cuda_max_allocated'))} |")
         lines.append("")

@@ -306,6 +306,9 @@ class _Runtime:
         with cache.lock:
             for e in needed:
                 cache.routed[e] += 1
+        # Cached (e.g. prefetched) experts first, so the first group uses them before later groups evict them.
+        resident = set(cache.resident())
+        needed = [e for e in needed if e in resident] + [e for e in needed if e not in resident]
         groups = [needed[i:i + cache.slots] for i in range(0, len(needed), cache.slots)]
         out = None
         for group in groups:
