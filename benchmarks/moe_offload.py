@@ -3,8 +3,9 @@ prefetch, for one or two cache sizes, on (a) the bundled MoE reference model and
 larger experts, where the memory effect is clear.
 
 Each variant runs in a fresh subprocess (kv_common.run_cell) that loads its artifact with `sparseforge.load`, so the
-offload variants never build their experts (the loader leaves them to the stage), prefills a prompt and decodes
-greedily through the cache, one token per step. Reported per variant:
+offload variants never build their experts (the loader leaves them to the stage), prefills a prompt of held-out text and
+decodes through the cache one token per step, fed the next held-out token (teacher forcing: routing follows real
+text; a random model's own greedy output repeats one token, which would make every cache hit). Reported per variant:
 - peak RSS: VmHWM of the whole process, which counts file-backed pages too. The in-memory baseline loads through
   transformers' safetensors reader; the offload stage reads experts with positioned reads (no mmap), so its file
   pages are the kernel's page cache, outside the process. RssAnon and RssFile at the end of decoding are given as
@@ -14,8 +15,8 @@ greedily through the cache, one token per step. Reported per variant:
 - decode tokens/s: median over steps after warm-up steps;
 - cache and prefetch hit rates (prefetch: predicted experts that the next layer then routed to).
 Disk reads come from the page cache here (the artifact was just written; this machine has RAM to spare), so
-"disk" means page cache -> process memory, the best case for offloading. Greedy tokens are compared with the
-baseline's (they must be equal).
+"disk" means page cache -> process memory, the best case for offloading. Each step's argmax token is compared
+with the baseline's (they must be equal).
 
     python benchmarks/moe_offload.py                    # both models, CPU
     python benchmarks/moe_offload.py --device cuda      # storage cpu -> GPU, torch.cuda.max_memory_allocated
@@ -45,6 +46,19 @@ RANDOM_MIXTRAL = dict(hidden_size=1024, intermediate_size=1792, num_hidden_layer
 
 def _status(field: str) -> int:
     return kv_common._status_kib(field) * 1024
+
+
+def _held_out_ids(n: int) -> list[int]:
+    """The first `n` tokens of the bundled held-out text (the bundled models share one tokenizer): decoding feeds
+    these one per step (teacher forcing), so routing follows real text, not a random model's repetitive greedy loop."""
+    from transformers import AutoTokenizer
+
+    from sparseforge.data import read_text
+
+    tok = AutoTokenizer.from_pretrained(kv_common.REFERENCE_MODEL)
+    ids = tok(read_text("heldout")[: 40 * n]).input_ids[:n]
+    assert len(ids) == n
+    return ids
 
 
 # ------------------------------------------------------------------------------------------------ one cell
@@ -81,22 +95,22 @@ def cell(spec: dict) -> dict:
     blocks = find_moe_blocks(model)
     expert_bytes = sum(getattr(b.experts, n).numel() * getattr(b.experts, n).element_size()
                        for b in blocks for n in ("gate_up_proj", "down_proj"))
-    g = torch.Generator().manual_seed(0)
-    prompt = torch.randint(0, model.config.vocab_size, (1, spec["prompt"]), generator=g).to(device)
+    ids = torch.tensor([_held_out_ids(spec["prompt"] + spec["warmup"] + spec["decode"])], device=device)
+    prompt = ids[:, : spec["prompt"]]
     from transformers import DynamicCache
 
     times, tokens = [], []
     with torch.no_grad():
         cache = DynamicCache(config=model.config)
         out = model(input_ids=prompt, past_key_values=cache, use_cache=True)
-        nxt = out.logits[:, -1].argmax(-1, keepdim=True)
         if method is not None:
             method.reset_stats()  # decode statistics only (the prompt loads every expert)
         for step in range(spec["warmup"] + spec["decode"]):
+            pos = spec["prompt"] + step
             if device == "cuda":
                 torch.cuda.synchronize()
             t = time.perf_counter()
-            out = model(input_ids=nxt, past_key_values=cache, use_cache=True)
+            out = model(input_ids=ids[:, pos:pos + 1], past_key_values=cache, use_cache=True)
             nxt = out.logits[:, -1].argmax(-1, keepdim=True)
             if device == "cuda":
                 torch.cuda.synchronize()
@@ -131,22 +145,21 @@ def speed_cell(spec: dict) -> dict:
 
     device = spec["device"]
     runs = []
+    ids = torch.tensor([_held_out_ids(spec["prompt"] + spec["warmup"] + spec["decode"])], device=device)
     for label, path in spec["variants"]:
         model = sparseforge.load(path, device=device)
-        g = torch.Generator().manual_seed(0)
-        prompt = torch.randint(0, model.config.vocab_size, (1, spec["prompt"]), generator=g).to(device)
         cache = DynamicCache(config=model.config)
         with torch.no_grad():
-            out = model(input_ids=prompt, past_key_values=cache, use_cache=True)
-        runs.append({"label": label, "model": model, "cache": cache, "next": out.logits[:, -1].argmax(-1, keepdim=True), "times": []})
+            model(input_ids=ids[:, : spec["prompt"]], past_key_values=cache, use_cache=True)
+        runs.append({"label": label, "model": model, "cache": cache, "times": []})
     for step in range(spec["warmup"] + spec["decode"]):
+        pos = spec["prompt"] + step
         for r in runs:
             if device == "cuda":
                 torch.cuda.synchronize()
             t = time.perf_counter()
             with torch.no_grad():
-                out = r["model"](input_ids=r["next"], past_key_values=r["cache"], use_cache=True)
-            r["next"] = out.logits[:, -1].argmax(-1, keepdim=True)
+                r["model"](input_ids=ids[:, pos:pos + 1], past_key_values=r["cache"], use_cache=True)
             if device == "cuda":
                 torch.cuda.synchronize()
             if step >= spec["warmup"]:
@@ -283,9 +296,10 @@ def markdown(doc: dict) -> str:
     lines = [f"# Expert offloading: memory and decode speed ({doc['device']}, storage {doc['storage']})", "",
              f"Machine: {kv_common.machine_line(m)}; load average {doc['load_average'][0]:.2f} at the start, "
              f"{doc['load_average_end'][0]:.2f} at the end. Produced by `benchmarks/moe_offload.py`.", "",
-             f"Prompt {doc['prompt_tokens']} tokens, then {doc['decode_steps']} greedy decode steps (after {doc['warmup_steps']} "
+             f"Prompt {doc['prompt_tokens']} held-out tokens, then {doc['decode_steps']} decode steps fed the next held-out token (after {doc['warmup_steps']} "
              "warm-up steps), batch 1. Memory: one fresh process per row; peak RSS is VmHWM (counts file-backed pages); "
-             "RssAnon/RssFile are read at the end of decoding; expert bytes resident are exact tensor bytes. Speed: "
+             "peak RssAnon is sampled every 2 ms (anonymous memory only: the in-memory baseline also keeps its checkpoint mapped, "
+             "counted in RssFile); RssAnon/RssFile are read at the end of decoding; expert bytes resident are exact tensor bytes. Speed: "
              "'alternating' runs every variant of a model in one process, one decode step of each per round, median step "
              "(the comparable number on this shared machine); 'own process' is the median step in the row's memory process. "
              "Disk reads are served from the page cache. Cache and prefetch hit rates count decode steps only.", ""]
@@ -293,8 +307,8 @@ def markdown(doc: dict) -> str:
         c = model["config"]
         lines += [f"## {name}", "", f"hidden {c['hidden_size']}, expert intermediate {c['intermediate_size']}, {c['num_hidden_layers']} layers, "
                   f"{c['num_local_experts']} experts, top-{c['num_experts_per_tok']}.", "",
-                  "| variant | peak RSS MiB | RssAnon MiB | RssFile MiB | expert MiB resident (of all) | decode tok/s (alternating) | vs in memory | decode tok/s (own process) | cache hit | prefetch hit | tokens = in memory | CUDA max allocated MiB |",
-                  "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+                  "| variant | peak RSS MiB | peak RssAnon MiB (sampled) | RssAnon MiB | RssFile MiB | expert MiB resident (of all) | decode tok/s (alternating) | vs in memory | decode tok/s (own process) | cache hit | prefetch hit | argmax = in memory | CUDA max allocated MiB |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
         alt0 = (model["rows"][0].get("alternating") or {}).get("tokens_per_s")
         for r in model["rows"]:
             if "error" in r:
@@ -305,7 +319,7 @@ def markdown(doc: dict) -> str:
             frac = r["expert_bytes_resident"] / r["expert_bytes"]
             alt = (r.get("alternating") or {}).get("tokens_per_s")
             alt_cols = f"{alt:.1f} | {alt / alt0:.2f}x" if alt and alt0 else "- | -"
-            lines.append(f"| {r['variant']} | {kv_common.mib(r['peak_rss'])} | {kv_common.mib(r['end_rss_anon'])} | {kv_common.mib(r['end_rss_file'])} | "
+            lines.append(f"| {r['variant']} | {kv_common.mib(r['peak_rss'])} | {kv_common.mib(r['peak_anon_sampled'])} | {kv_common.mib(r['end_rss_anon'])} | {kv_common.mib(r['end_rss_file'])} | "
                          f"{kv_common.mib(r['expert_bytes_resident'])} of {kv_common.mib(r['expert_bytes'])} ({frac:.2f}x) | "
                          f"{alt_cols} | {r['decode_tokens_per_s']:.1f} | {rate(s.get('cache_hit_rate'))} | "
                          f"{rate(s.get('prefetch_hit_rate'))} | {'yes' if r['tokens_equal_in_memory'] else 'NO'} | "

@@ -8,10 +8,11 @@ the expert count). On attach those parameters keep their identity but their stor
 placeholder; the module's forward is wrapped. Per call the wrapper maps the routed expert ids to cache slots and runs
 the module's own forward (whatever `experts_implementation` transformers picked) on the slot buffers with
 `num_experts` set to the slot count, so it computes what the fused forward computes: the same products on the same
-rows, bit for bit for top-2 routing and for transformers' batched/grouped implementations (for eager top-k > 2 the
-per-token sum may run in a different expert order: equal up to float rounding). A call that routes to more experts
-than there are slots (a long prompt) runs in groups of at most `cache_experts` experts, the others marked with
-transformers' own expert-parallel sentinel (id = num_experts, weight 0), and the group outputs are added.
+rows, bit for bit in float32 for top-2 routing and for transformers' batched/grouped implementations (for eager
+top-k > 2 the per-token sum may run in a different expert order: equal up to float rounding). A call that routes to
+more experts than there are slots (a long prompt) runs in groups of at most `cache_experts` experts, the others marked
+with transformers' own expert-parallel sentinel (id = num_experts, weight 0), and the group outputs are added (in
+float32 still exact; in bfloat16/float16 each group's output is rounded before the addition: equal up to rounding).
 
 Prefetch (Pre-gated MoE's idea without its trained pre-gate): when layer i's experts are called, layer i+1's router
 is applied to layer i's MoE input (the normalized hidden state the experts of layer i receive) and the predicted
