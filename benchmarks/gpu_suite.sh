@@ -22,5 +22,6 @@ python benchmarks/activation_triton.py
 # Sparse attention (issue 13): GPU tests of the FlexAttention path, then one Llama-3-8B attention layer 4K-64K.
 python -m pytest -q tests/test_attention.py || tests_ok=1
 python benchmarks/attention_speed.py --device cuda --lengths 4096 8192 16384 32768 65536 --out attention_speed_gpu
+python benchmarks/moe_offload.py --device cuda  # issue 15: expert offload, storage cpu (pinned) -> CUDA cache, max_memory_allocated; skips without CUDA
 if [ -n "${OUT:-}" ]; then mkdir -p "$OUT" && cp -r benchmarks/results "$OUT/"; fi
 exit $tests_ok

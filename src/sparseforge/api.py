@@ -32,7 +32,8 @@ def load(path_or_hub_id: str | os.PathLike | None = None, device: str | None = N
     trust_remote_code=True lets a model that ships its own Python modelling code run it (refused otherwise)."""
     from sparseforge.formats import runtime_state
 
-    model = load_model(path_or_hub_id, device=device, dtype=dtype, offload=offload, trust_remote_code=trust_remote_code)
+    model = load_model(path_or_hub_id, device=device, dtype=dtype, offload=offload, trust_remote_code=trust_remote_code,
+                       leave_self_loaded=runtime and not offload)
     if runtime and not offload:
         runtime_state.attach_saved(model)
     return model

@@ -121,7 +121,10 @@ def cmd_compress(args) -> int:
     _say(args, f"compressing {source} with recipe '{recipe.name}' ({len(recipe.stages)} stage(s))")
     try:
         model, report = api.compress(model, recipe, tokenizer, device=args.device, progress=not args.quiet, inplace=True)
-        sparsity = weight_sparsity(model)
+        from sparseforge.formats.runtime_state import detached
+
+        with detached(model):  # the plain weights, also those a runtime stage keeps outside the model (offloaded experts)
+            sparsity = weight_sparsity(model)
         metrics = {"sparsity": sparsity["sparsity"], "compress_seconds": report["compress_seconds"]}
         save(model, out, tokenizer, recipe=recipe, metrics=metrics, overwrite=args.overwrite, base_model=source, storage=args.storage)
     finally:

@@ -41,11 +41,13 @@ def weight_sparsity(model, targets: Iterable[str] = ("*",), ignore: Iterable[str
         with store.borrowed(i) if store is not None else contextlib.nullcontext():
             for name, proj in adapter.select(targets, ignore, layer_index=i).items():
                 w = proj.weight()
+                if w.numel() == 0:  # held outside the model by a runtime stage (offloaded experts): not counted here
+                    continue
                 n_zero = int((w == 0).sum().item())
                 per_layer[name] = n_zero / w.numel()
                 zeros += n_zero
                 total += w.numel()
-    return {"sparsity": zeros / total, "sparsity_per_layer": per_layer, "params_targeted": total}
+    return {"sparsity": zeros / total if total else 0.0, "sparsity_per_layer": per_layer, "params_targeted": total}
 
 
 def size_on_disk(path) -> int:

@@ -78,6 +78,8 @@ def save(model, directory, tokenizer=None, recipe=None, stages=None, metrics=Non
             _save_offloaded(model, tmp)
         else:
             model.save_pretrained(tmp, safe_serialization=True)
+            if storage == "dense" and self_loaded_weights([(s.method, s.state.data) for s in runtime]):
+                _store_under_module_names(model, tmp)
         packed, planes = _compact_weights(model, tmp) if storage == "compact" else ({}, {})
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
@@ -105,6 +107,111 @@ def save(model, directory, tokenizer=None, recipe=None, stages=None, metrics=Non
         if storage == "compact":
             _write_compact_notice(tmp)
     return pathlib.Path(directory)
+
+
+# ---- runtime stages that load weights themselves ---------------------------------------------------------------
+# A runtime method may declare `self_loaded_weights(state_data) -> [qualified parameter names]`: weights it reads on
+# its own after `load` (expert offloading reads one expert at a time). `save` then stores the weights under the
+# model's own module names (transformers' from_pretrained reads those too), and `load` leaves the declared ones
+# unbuilt (on the meta device) for the stage's attach to read; everything else is read by name as usual.
+def self_loaded_weights(stages) -> set[str]:
+    """Names declared by (method instance or class, state data) pairs."""
+    names: set[str] = set()
+    for method, data in stages:
+        declare = getattr(method, "self_loaded_weights", None)
+        if declare is not None:
+            names.update(declare(data))
+    return names
+
+
+def _store_under_module_names(model, directory: pathlib.Path) -> None:
+    """Replace what save_pretrained wrote (transformers may rename and split tensors on save, e.g. fused experts
+    back into one tensor per expert) by the in-memory state dict, tied tensors once: then a stage can find each
+    tensor, and each expert's slice of it, by its module name. Sharded at about 2 GB per file."""
+    from safetensors.torch import save_file
+
+    tensors, seen = {}, set()
+    for key, t in model.state_dict().items():
+        if t.numel() and t.data_ptr() in seen:
+            continue
+        if t.numel():
+            seen.add(t.data_ptr())
+        tensors[key] = t.detach().cpu().contiguous()
+    for f in directory.glob("*.safetensors"):
+        f.unlink()
+    for index in directory.glob("*.safetensors.index.json"):
+        index.unlink()
+    shards, size = [{}], 0
+    for key, t in tensors.items():
+        nbytes = t.numel() * t.element_size()
+        if shards[-1] and size + nbytes > (2 << 30):
+            shards.append({})
+            size = 0
+        shards[-1][key] = t
+        size += nbytes
+    if len(shards) == 1:
+        save_file(tensors, str(directory / "model.safetensors"), metadata={"format": "pt"})
+        return
+    weight_map, total = {}, 0
+    for i, shard in enumerate(shards):
+        name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, str(directory / name), metadata={"format": "pt"})
+        weight_map.update({k: name for k in shard})
+        total += sum(t.numel() * t.element_size() for t in shard.values())
+    write_json(directory / "model.safetensors.index.json", {"metadata": {"total_size": total}, "weight_map": weight_map})
+
+
+def _saved_self_loaded_weights(info: dict) -> set[str]:
+    """What the artifact's saved runtime stages declare they load themselves (malformed entries: none; attaching
+    them later reports the problem)."""
+    from sparseforge.methods.base import get_method
+
+    entries = (info.get("runtime") or {}).get("stages", []) if isinstance(info.get("runtime"), dict) else []
+    pairs = []
+    for entry in entries if isinstance(entries, list) else []:
+        if isinstance(entry, dict) and isinstance(entry.get("method"), str) and isinstance(entry.get("data"), dict):
+            try:
+                pairs.append((get_method(entry["method"]), entry["data"]))
+            except UserInputError:
+                continue
+    return self_loaded_weights(pairs)
+
+
+def _load_leaving_unbuilt(path: pathlib.Path, dtype, leave: set[str]):
+    """The model of a dense checkpoint stored under module names, every weight read by name except `leave`, which
+    stay on the meta device (built without memory, as disk offload does)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from sparseforge.core.offload import _CheckpointIndex, _parameters_on_meta, _set_tensor
+
+    config = AutoConfig.from_pretrained(path)
+    with _parameters_on_meta():
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    index = _CheckpointIndex(path)
+    unknown = sorted(n for n in leave if n not in index.file_of)
+    if unknown:
+        raise UserInputError(f"'{path}' has no tensor '{unknown[0]}' that its runtime stage reads itself; re-create the artifact")
+    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    tied = bool(getattr(text_config, "tie_word_embeddings", False))
+    output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    wanted = [n for n, p in model.named_parameters() if n not in leave and not (tied and p is getattr(output, "weight", None) and n not in index.file_of)]
+    missing = [n for n in wanted if n not in index.file_of]
+    if missing:
+        raise UserInputError(f"'{path}' lacks {len(missing)} weight(s) its config needs (e.g. '{missing[0]}'); the checkpoint is corrupt or incomplete")
+    shapes = {n: tuple(p.shape) for n, p in model.named_parameters()}
+    for name, tensor in index.read(wanted).items():
+        if tuple(tensor.shape) != shapes[name]:
+            raise UserInputError(f"'{path}' stores '{name}' as {list(tensor.shape)}, its config needs {list(shapes[name])}; re-create the artifact")
+        _set_tensor(model, name, tensor.to(dtype) if tensor.is_floating_point() else tensor)
+    buffers = dict(model.named_buffers())
+    stored = [n for n in buffers if n in index.file_of]
+    for name, tensor in index.read(stored).items():
+        with torch.no_grad():
+            buffers[name].copy_(tensor)
+    if tied:
+        model.tie_weights()
+    return model.eval()
 
 
 def _tensor_bytes(model) -> int:
@@ -372,8 +479,11 @@ def resolve_model_path(spec: str | os.PathLike | None) -> str:
 
 
 def load_model(spec: str | os.PathLike | None = None, device: str | None = None, dtype=None, offload: bool | str | os.PathLike = False,
-               trust_remote_code: bool = False):
+               trust_remote_code: bool = False, leave_self_loaded: bool = False):
     """Load a causal LM from a directory or hub id (safetensors only) and restore its sparseforge settings.
+
+    leave_self_loaded: leave the weights that the artifact's runtime stages read themselves unbuilt (see
+    `self_loaded_weights`); only for a caller that attaches those stages next (`sparseforge.load`).
 
     offload: leave the decoder layers on disk and read them one at a time while compressing (True: scratch
     files in the system's temporary directory; a path: scratch files there). See core/offload.py.
@@ -404,6 +514,13 @@ def load_model(spec: str | os.PathLike | None = None, device: str | None = None,
         model = _load_compact(pathlib.Path(path), info, dtype or torch.float32).eval()
         if device:
             model.to(device)
+        model.sparseforge_info, model.sparseforge_source = info, path
+        return model
+    leave = _saved_self_loaded_weights(info) if leave_self_loaded and local and info else set()
+    if leave:
+        model = _load_leaving_unbuilt(pathlib.Path(path), dtype or torch.float32, leave)
+        if device:  # the unbuilt weights stay on meta; the stage that reads them places them
+            model._apply(lambda t: t if t.device.type == "meta" else t.to(device))
         model.sparseforge_info, model.sparseforge_source = info, path
         return model
     if local and not any(pathlib.Path(path).glob("*.safetensors")):
