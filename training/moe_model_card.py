@@ -91,7 +91,16 @@ def runs_table(info: dict) -> str:
 
 
 def main() -> None:
+    import argparse
+
     import torch
+
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--smoke", metavar="DIR", default=None,
+                    help="check the script in seconds: a few held-out tokens and one episode per cell, card written to DIR")
+    args = ap.parse_args()
+    out_dir = pathlib.Path(args.smoke) if args.smoke else REFERENCE_MOE_DIR
+    settings = {"max_tokens": 4096, "retrieval_per_cell": 1} if args.smoke else {}
 
     torch.manual_seed(0)
     torch.set_num_threads(1)
@@ -102,9 +111,9 @@ def main() -> None:
     dense_card = json.loads((REFERENCE_MODEL_DIR / "model_card.json").read_text())
     counts = parameter_counts(model)
     start = time.time()
-    metrics = run_tasks(EvalContext(model, tokenizer), ["perplexity", "passkey", "multikey"])
+    metrics = run_tasks(EvalContext(model, tokenizer, settings=settings), ["perplexity", "passkey", "multikey"])
     heldout_ids = encode(tokenizer, read_text("heldout"))
-    load = expert_load(model, heldout_ids)
+    load = expert_load(model, heldout_ids[: 4 * LOAD_WINDOW] if args.smoke else heldout_ids)
     eval_seconds = time.time() - start
     lengths = sorted({c["length"] for c in metrics["passkey_cells"]})
     depths = sorted({c["depth"] for c in metrics["passkey_cells"]})
@@ -131,7 +140,8 @@ def main() -> None:
         "eval_environment": environment(),
         "eval_seconds": round(eval_seconds, 1),
     }
-    (REFERENCE_MOE_DIR / "model_card.json").write_text(json.dumps(card, indent=2) + "\n")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "model_card.json").write_text(json.dumps(card, indent=2) + "\n")
     d, up = dense_card, info.get("upcycling", {})
     dense_config = json.loads((REFERENCE_MODEL_DIR / "config.json").read_text())
     dense_inter = dense_config["intermediate_size"]
@@ -220,7 +230,7 @@ Share of routed (token, slot) assignments per expert on the held-out plays ({loa
 
 {load_table(load)}
 """
-    (REFERENCE_MOE_DIR / "README.md").write_text(text)
+    (out_dir / "README.md").write_text(text)
     print(text)
 
 
