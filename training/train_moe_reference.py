@@ -153,6 +153,7 @@ def write_checkpoint(model, out_dir: pathlib.Path, info: dict) -> None:
         for f in TOKENIZER_FILES:
             shutil.copyfile(DENSE_DIR / f, tmp / f)
         for f in tmp.iterdir():
+            f.chmod(0o644)  # the scratch directory's files may be private; the bundle is read by everyone
             os.replace(f, out_dir / f.name)
 
 
