@@ -503,7 +503,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     kernels = ("dense", *kernel_names())  # --kernel X: shorthand for a sparse-kernel stage with kernel X
 
-    def common(p, model_help="model directory or hub id (default: the bundled reference model)"):
+    def common(p, model_help="model directory, hub id, or reference-moe for the bundled MoE (default: the bundled reference model)"):
         p.add_argument("--model", default=None, help=model_help)
         p.add_argument("--device", default=None, help="compute device, e.g. cpu or cuda (default: cpu)")
         p.add_argument("--quiet", "-q", action="store_true", default=argparse.SUPPRESS, help="no progress bars or status lines (results still print)")

@@ -35,6 +35,9 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
 STORAGES = ("dense", "compact")
 FORMAT_VERSION = 1
 REFERENCE_MODEL_DIR = pathlib.Path(__file__).resolve().parents[1] / "assets" / "reference-model"
+REFERENCE_MOE_DIR = pathlib.Path(__file__).resolve().parents[1] / "assets" / "reference-moe"
+# Short names for the bundled models, accepted wherever a model path is; a local directory of the same name wins.
+BUNDLED_MODELS = {"reference-moe": REFERENCE_MOE_DIR}
 
 
 def write_json(path: pathlib.Path, data: Any) -> None:
@@ -463,11 +466,14 @@ def check_no_remote_code(path: str, trust_remote_code: bool) -> None:
 
 
 def resolve_model_path(spec: str | os.PathLike | None) -> str:
-    """A local directory (validated) or a hub id; None means the bundled reference model."""
+    """A local directory (validated), a bundled model's short name (BUNDLED_MODELS) or a hub id; None means the
+    bundled reference model."""
     if spec is None:
         return str(REFERENCE_MODEL_DIR)
     text = str(spec)
     path = pathlib.Path(text).expanduser()
+    if text in BUNDLED_MODELS and not path.exists():
+        path = BUNDLED_MODELS[text]
     if path.exists():
         if not path.is_dir() or not (path / "config.json").is_file():
             raise UserInputError(f"model path '{text}' is not a Hugging Face model directory (no config.json); pass a directory saved by save_pretrained")
