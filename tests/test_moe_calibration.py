@@ -84,6 +84,24 @@ def test_wanda_prunes_each_expert_with_the_statistics_of_its_routed_tokens(arch,
     assert differs_from_all_tokens  # per-expert statistics really differ from the block's whole input
 
 
+def test_routing_weighted_statistics_scale_each_routed_row_by_its_routing_weight(tokenizer):
+    torch.set_num_threads(1)
+    dense = tiny_model("mixtral")
+    block = find_moe_blocks(dense)[0]
+    with torch.no_grad(), RoutingRecorder([block], keep_calls=True) as rec:
+        for ids in calibration_batches(tokenizer, CAL):
+            dense(input_ids=ids, use_cache=False)
+    model, report = sparseforge.compress(dense, recipe("wanda", calibration="samples: 2, seq_len: 32, routing_weighted: true, min_expert_tokens: 1"),
+                                         tokenizer, progress=False)
+    assert report["stages"][0]["routing"]["routing_weighted"] is True
+    got = find_moe_blocks(model)[0]
+    for e in range(block.num_experts):
+        rows = [h[(i == e).any(-1)] * (w * (i == e)).sum(-1)[(i == e).any(-1), None] for h, i, w in rec.calls[0]]
+        assert torch.equal(got.expert_weights(e)["gate"], wanda_expected(block.expert_weights(e)["gate"], col_norm(rows))), e
+        unweighted = wanda_expected(block.expert_weights(e)["gate"], col_norm(expert_inputs([(h, i) for h, i, _ in rec.calls[0]], e)))
+        assert not torch.equal(got.expert_weights(e)["gate"], unweighted), e
+
+
 def test_gptq_quantizes_each_expert_against_its_own_hessian(tokenizer):
     torch.set_num_threads(1)
     dense = tiny_model("mixtral")

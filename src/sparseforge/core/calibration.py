@@ -49,12 +49,17 @@ class CalibrationConfig:
     device: str | None = None  # compute device; default: where the model's embeddings are
     # An MoE expert routed fewer calibration tokens than this takes the statistics of all tokens entering its block.
     min_expert_tokens: int = 16
+    # Weight each routed token's row by its routing weight in the expert's statistics (the block scales the
+    # expert's output by it); off by default, measured in docs/methods/moe_calibration.md.
+    routing_weighted: bool = False
 
     def validate(self) -> None:
         if self.samples < 1 or self.seq_len < 2:
             raise UserInputError(f"calibration needs samples >= 1 and seq_len >= 2, got {self.samples} and {self.seq_len}")
         if not isinstance(self.min_expert_tokens, int) or self.min_expert_tokens < 1:
             raise UserInputError(f"calibration min_expert_tokens={self.min_expert_tokens!r} must be an integer >= 1, e.g. 16")
+        if not isinstance(self.routing_weighted, bool):
+            raise UserInputError(f"calibration routing_weighted={self.routing_weighted!r} must be true or false")
         if self.propagate not in ("pruned", "dense"):
             raise UserInputError(f"calibration propagate={self.propagate!r}; allowed: pruned, dense")
 
@@ -166,8 +171,8 @@ class ExpertInputs:
 
     ROLES = ("in", "down")  # gate/up input (the hidden states) and down input (the intermediate)
 
-    def __init__(self, block: MoEBlock, recorder: RoutingRecorder, min_tokens: int, device, hessian: bool):
-        self.block, self.device, self.hessian = block, device, hessian
+    def __init__(self, block: MoEBlock, recorder: RoutingRecorder, min_tokens: int, device, hessian: bool, weighted: bool = False):
+        self.block, self.device, self.hessian, self.weighted = block, device, hessian, weighted
         self.calls = recorder.calls[block.layer_index]
         self.tokens = [int(n) for n in recorder.counts[block.layer_index]]
         self.min_tokens = min_tokens
@@ -187,11 +192,18 @@ class ExpertInputs:
         width = b.hidden_size if role == "in" else b.intermediate_size
         stats = InputStats(width, self.device, hessian=self.hessian)
         starved = expert in self.fallback
-        for hidden, index, _weights in self.calls:
-            # Unweighted by the routing weight, as a hook on a per-expert nn.Linear would see it (see the docs).
-            x = hidden if starved else hidden[(index == expert).any(-1)]
-            if x.shape[0]:
-                stats.add_batch(x if role == "in" else b.expert_intermediate(expert, x))
+        for hidden, index, weights in self.calls:
+            # By default unweighted by the routing weight, as a hook on a per-expert nn.Linear sees it (see the docs).
+            routed = (index == expert).any(-1)
+            x = hidden if starved else hidden[routed]
+            if not x.shape[0]:
+                continue
+            rows = x if role == "in" else b.expert_intermediate(expert, x)
+            if self.weighted and not starved:
+                # The down projection is linear, so scaling its input rows scales its output exactly; for gate/up
+                # this weights each token's contribution the same way (a first-order stand-in).
+                rows = rows * (weights * (index == expert)).sum(-1)[routed].unsqueeze(-1).to(rows.dtype)
+            stats.add_batch(rows)
         return stats
 
     def report(self) -> dict:
@@ -370,7 +382,7 @@ def run_layerwise(
     fused expert stack an ExpertStack (see `matrices`).
 
     Returns the routing report when targeted MoE experts were calibrated, else None:
-    {"min_expert_tokens": n, "blocks": {block name: {"tokens": [per expert], "fallback": [experts]}}}."""
+    {"min_expert_tokens": n, "routing_weighted": bool, "blocks": {block name: {"tokens": [per expert], "fallback": [experts]}}}."""
     config = config or CalibrationConfig()
     adapter = ModelAdapter(model)
     model_device = _model_device(model)
@@ -441,7 +453,7 @@ def _walk(model, adapter, layer_fn, targets, ignore, batches, stats, config, pro
                      for n, p in projections.items() if n not in expert_roles}
             lazy, experts = {}, None
             if expert_roles:
-                experts = ExpertInputs(block, recorder, config.min_expert_tokens, device, hessian)
+                experts = ExpertInputs(block, recorder, config.min_expert_tokens, device, hessian, config.routing_weighted)
                 routing[block.name] = experts.report()
                 for name, (e, role) in expert_roles.items():
                     lazy[name] = (lambda x=experts, role=role: ExpertStack(x, role)) if e is None else (lambda x=experts, e=e, role=role: x.stats(e, role))
@@ -459,7 +471,9 @@ def _walk(model, adapter, layer_fn, targets, ignore, batches, stats, config, pro
             torch.cuda.empty_cache()
     if need_forward:
         _move_non_layers(model, adapter, model_device)
-    return {"min_expert_tokens": config.min_expert_tokens, "blocks": routing} if routing else None
+    if not routing:
+        return None
+    return {"min_expert_tokens": config.min_expert_tokens, "routing_weighted": config.routing_weighted, "blocks": routing}
 
 
 def _move_non_layers(model: nn.Module, adapter: ModelAdapter, device) -> None:
