@@ -3,6 +3,7 @@
 The expected values are computed here by hand from the routing a RoutingRecorder sees on the dense model, with
 the same per-batch accumulation the calibration walk uses, so equality is exact, not approximate."""
 import copy
+import json
 
 import pytest
 import torch
@@ -293,3 +294,25 @@ def test_per_expert_linears_get_the_same_statistics_as_the_fused_stack(method, p
             for w in block.expert_weights(e).values():
                 z = (w == 0).reshape(w.shape[0], -1, 4).sum(-1) if method == "sparsegpt" else (w == 0).sum(-1)
                 assert z.eq(2 if method == "sparsegpt" else w.shape[-1] // 2).all()
+
+
+@pytest.mark.slow  # the whole run (dense and compressed evaluation, speed and memory): minutes on 2 shared cores
+def test_cli_run_with_the_default_recipe_compresses_every_expert_and_attention_projection(tmp_path, tokenizer, capsys):
+    from sparseforge.cli import main
+
+    model_dir = tmp_path / "tiny-moe"
+    tiny_model("qwen3_moe").save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+    out = tmp_path / "run"
+    assert main(["--quiet", "run", "--model", str(model_dir), "--out", str(out), "--max-tokens", "100"]) == 0
+    capsys.readouterr()
+    info = json.loads((out / "model" / "sparseforge.json").read_text())
+    (stage,) = info["stages"]
+    assert (info["recipe"]["name"], stage["method"]) == ("sparsegpt-50", "sparsegpt")
+    projections = ModelAdapter(sparseforge.load(out / "model")).projections()
+    assert sorted(stage["projections"]) == sorted(projections)
+    assert {n.rsplit(".", 1)[-1] for n in projections} >= {"q_proj", "k_proj", "v_proj", "o_proj", "gate_up_proj", "down_proj"}
+    for name, proj in projections.items():
+        for m in (list(proj.weight()) if proj.weight().dim() == 3 else [proj.weight()]):
+            assert (m == 0).sum().item() == prune_count(m.numel(), 0.5), name
+    assert set(stage["routing"]["blocks"]) == {"model.layers.0.mlp", "model.layers.1.mlp"}
