@@ -169,8 +169,6 @@ class ExpertInputs:
     expert's weights when a method first asks for it: after the method has changed that expert's gate/up (they
     come first in module order), so the down projection is fitted to the inputs it will really see."""
 
-    ROLES = ("in", "down")  # gate/up input (the hidden states) and down input (the intermediate)
-
     def __init__(self, block: MoEBlock, recorder: RoutingRecorder, min_tokens: int, device, hessian: bool, weighted: bool = False):
         self.block, self.device, self.hessian, self.weighted = block, device, hessian, weighted
         self.calls = recorder.calls[block.layer_index]
