@@ -1,6 +1,9 @@
-"""The ten-architecture matrix: compress (magnitude, and the calibrated Wanda and SparseGPT), evaluate, save
-and reload tiny random models of each; the adapter's attention and MLP layouts of each."""
+"""The architecture matrix: compress (magnitude, and the calibrated Wanda and SparseGPT), evaluate, save
+and reload tiny random models of each (the ten dense-or-Mixtral ones and the fused-expert MoE ones: Mixtral,
+Qwen2-MoE, Qwen3-MoE, OLMoE); the adapter's attention and MLP layouts of each."""
 import copy
+import dataclasses
+import json
 
 import pytest
 import torch
@@ -8,14 +11,13 @@ from transformers import AutoModelForCausalLM
 
 import sparseforge
 from sparseforge.core.adapter import ModelAdapter
+from sparseforge.core.calibration import CalibrationConfig
 from sparseforge.core.masks import check_nm, check_unstructured, prune_count
-from sparseforge.errors import UserInputError
 from sparseforge.eval.tasks import EvalContext, run_tasks
 from sparseforge.recipe import parse_recipe
-from tiny_models import ARCHITECTURES, tiny_model
+from tiny_models import ARCHITECTURES, MOE_ARCHITECTURES, tiny_model
 
-# Mixtral's experts are fused 3-D weights whose per-expert inputs no forward hook sees (issue 15).
-FUSED_EXPERTS = {"mixtral"}
+CALIBRATED_MATRIX = sorted(set(ARCHITECTURES) | set(MOE_ARCHITECTURES))
 
 
 def test_matrix_covers_the_ten_architectures():
@@ -95,7 +97,7 @@ def test_adapter_attention_and_mlp_layouts(arch):
         mlp = adapter.mlp_layout(i)
         assert (mlp.module, mlp.inputs, mlp.output, mlp.width, mlp.hidden) == (mlp_module, tuple(inputs), output, width, hidden)
         assert mlp.roles == {**inputs, output: "out"}
-        assert mlp.experts == (arch in FUSED_EXPERTS)
+        assert mlp.experts == (arch in MOE_ARCHITECTURES)
         assert mlp.fused_inputs == tuple(n for n, r in inputs.items() if r == "gate_up")
         assert projections[mlp.qualified(output)].in_features == width
         # layer 1 is laid out like layer 0: the layouts compare equal, only their prefixes differ
@@ -165,7 +167,12 @@ def zeros(w: torch.Tensor) -> torch.Tensor:
     return (w == 0).sum(-1)
 
 
-@pytest.mark.parametrize("arch", sorted(set(ARCHITECTURES) - FUSED_EXPERTS))
+def per_matrix(w: torch.Tensor) -> list[torch.Tensor]:
+    """A weight, or each expert's matrix of a fused `[E, out, in]` stack: patterns hold per expert."""
+    return list(w) if w.dim() == 3 else [w]
+
+
+@pytest.mark.parametrize("arch", CALIBRATED_MATRIX)
 @pytest.mark.parametrize("method", ["wanda", "sparsegpt"])
 @pytest.mark.parametrize("pattern", ["unstructured", "2:4"])
 def test_calibrated_methods_compress_every_architecture(arch, method, pattern, tokenizer, tmp_path):
@@ -176,15 +183,16 @@ def test_calibrated_methods_compress_every_architecture(arch, method, pattern, t
     model, report = sparseforge.compress(dense, recipe, tokenizer, progress=False)
     stage = report["stages"][0]
     projections = ModelAdapter(model).projections()
-    assert sorted(stage["projections"]) == sorted(projections)
+    assert sorted(stage["projections"]) == sorted(projections)  # every expert stack and attention projection
+    assert ("routing" in stage) == (arch in MOE_ARCHITECTURES)
     for name, proj in projections.items():
-        w = proj.weight()
-        if pattern == "2:4":  # exactly two of every four consecutive inputs (random weights have no zeros)
-            assert zeros(w.reshape(*w.shape[:-1], -1, 4)).eq(2).all(), name
-        elif method == "wanda":  # exactly half of every output row
-            assert zeros(w).eq(prune_count(w.shape[-1], 0.5)).all(), name
-        else:  # SparseGPT: exactly floor(0.5 * numel) zeros over the whole matrix
-            assert (w == 0).sum().item() == prune_count(w.numel(), 0.5), name
+        for w in per_matrix(proj.weight()):
+            if pattern == "2:4":  # exactly two of every four consecutive inputs (random weights have no zeros)
+                assert zeros(w.reshape(*w.shape[:-1], -1, 4)).eq(2).all(), name
+            elif method == "wanda":  # exactly half of every output row
+                assert zeros(w).eq(prune_count(w.shape[-1], 0.5)).all(), name
+            else:  # SparseGPT: exactly floor(0.5 * numel) zeros over the whole matrix (each expert's own)
+                assert (w == 0).sum().item() == prune_count(w.numel(), 0.5), name
     assert all(torch.equal(v, before[k]) for k, v in dense.state_dict().items())  # compress copied
     if method == "sparsegpt":  # it also updates the surviving weights, which Wanda never does
         kept = [(proj.weight() != 0) for proj in projections.values()]
@@ -200,18 +208,37 @@ def test_calibrated_methods_compress_every_architecture(arch, method, pattern, t
         assert generated.shape == (1, 15)
         sparseforge.save(model, tmp_path / "a", tokenizer, recipe=recipe)
         assert torch.equal(sparseforge.load(tmp_path / "a")(input_ids=ids).logits, out)
+        assert torch.equal(AutoModelForCausalLM.from_pretrained(tmp_path / "a").eval()(input_ids=ids).logits, out)
 
 
-@pytest.mark.moe_calibration  # issue 15 observes fused experts per expert; then these compress like the rest
-@pytest.mark.parametrize("method", ["wanda", "sparsegpt"])
-def test_calibrated_methods_refuse_fused_experts_until_issue_15(method, tokenizer):
+def reloaded_recipe_name(directory) -> str:
+    return json.loads((directory / "sparseforge.json").read_text())["recipe"]["name"]
+
+
+@pytest.mark.parametrize("arch", sorted(MOE_ARCHITECTURES))
+@pytest.mark.parametrize("preset", ["sparsegpt-50", "wanda-50"])
+def test_moe_presets_end_to_end(arch, preset, tokenizer, tmp_path):
+    """The shipped presets' stages, unchanged, on each MoE architecture: compress, evaluate, save, reload,
+    generate (with fewer calibration windows than the preset's 32 x 512, to keep the default suite short)."""
     torch.set_num_threads(1)
-    dense = tiny_model("mixtral")
-    with pytest.raises(UserInputError, match=r"'model\.layers\.0\.mlp\.experts\.\w+' is a fused expert weight.*ignore") as info:
-        sparseforge.compress(dense, parse_recipe(calibrated_recipe(method, "unstructured")), tokenizer, progress=False)
-    assert "\n" not in str(info.value)
-    # The fix the message names works: the experts stay dense, everything else is pruned by the method.
-    model, _ = sparseforge.compress(dense, parse_recipe(calibrated_recipe(method, "unstructured", ["*experts*"])), tokenizer, progress=False)
-    for name, proj in ModelAdapter(model).projections().items():
-        sparsity = (proj.weight() == 0).float().mean().item()
-        assert sparsity == 0.0 if ".experts." in name else abs(sparsity - 0.5) < 1e-9, name
+    dense = tiny_model(arch)
+    recipe = dataclasses.replace(sparseforge.load_recipe(preset), calibration=CalibrationConfig(samples=4, seq_len=128))
+    model, report = sparseforge.compress(dense, recipe, tokenizer, progress=False)
+    stage = report["stages"][0]
+    assert sorted(stage["projections"]) == sorted(ModelAdapter(model).projections())
+    assert set(stage["routing"]["blocks"]) == {"model.layers.0.mlp", "model.layers.1.mlp"}
+    assert all(sum(b["tokens"]) == 4 * 128 * 2 for b in stage["routing"]["blocks"].values())  # top-2 of every token
+    out = tmp_path / "artifact"
+    sparseforge.save(model, out, tokenizer, recipe=recipe)
+    ctx = EvalContext(model, tokenizer, reference=dense, model_dir=out,
+                      settings={"max_tokens": 300, "retrieval_lengths": (128,), "retrieval_per_cell": 1, "speed_prompt_len": 16, "speed_new_tokens": 4, "speed_repeats": 1})
+    metrics = run_tasks(ctx, ["perplexity", "fidelity", "passkey", "sparsity", "size"])
+    assert metrics["perplexity"] > 1 and metrics["kl_to_reference"] > 0
+    assert abs(metrics["sparsity"] - 0.5) < 1e-9
+    assert reloaded_recipe_name(out) == preset
+    ids = torch.randint(0, 4000, (1, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = model(input_ids=ids).logits
+        reloaded = sparseforge.load(out)
+        assert torch.equal(reloaded(input_ids=ids).logits, expected)
+        assert reloaded.generate(ids, max_new_tokens=3, do_sample=False, pad_token_id=0).shape == (1, 15)

@@ -122,9 +122,22 @@ def test_targets_and_ignore_select_projections(tokenizer):
         assert (zeros > 0.4) == (name in result.projections), name
 
 
-def test_calibrated_method_refuses_fused_experts(tokenizer):
+def test_calibrated_method_prunes_fused_experts_or_leaves_them_when_ignored(tokenizer):
+    # Per-expert statistics (issue 15; tests/test_moe_calibration.py): the experts are pruned like the rest ...
+    cal = CalibrationConfig(samples=1, seq_len=16)
+    result = get_method("wanda")().apply(tiny_model("mixtral"), tokenizer, calibration=cal, progress=False)
+    assert "model.layers.0.mlp.experts.gate_up_proj" in result.projections and result.routing["blocks"]
+    # ... and an ignore glob still leaves them dense, with no routing recorded.
     model = tiny_model("mixtral")
-    with pytest.raises(UserInputError, match="ignore"):
+    result = get_method("wanda")().apply(model, tokenizer, ignore=["*experts*"], calibration=cal, progress=False)
+    assert result.projections and not any("experts" in n for n in result.projections) and result.routing is None
+    assert (model.model.layers[0].mlp.experts.down_proj != 0).all()
+
+
+def test_calibrated_method_refuses_a_fused_expert_weight_outside_a_recognised_block(tokenizer):
+    model = tiny_model("mixtral")
+    for layer in model.model.layers:
+        layer.mlp.gate.weight = torch.nn.Parameter(layer.mlp.gate.weight[:3].clone())  # no [E, H] router: no MoE block
+    with pytest.raises(UserInputError, match=r"'model\.layers\.0\.mlp\.experts\.gate_up_proj' is a fused expert weight.*ignore") as info:
         get_method("wanda")().apply(model, tokenizer, calibration=CalibrationConfig(samples=1, seq_len=16), progress=False)
-    result = get_method("wanda")().apply(model, tokenizer, ignore=["*experts*"], calibration=CalibrationConfig(samples=1, seq_len=16), progress=False)
-    assert result.projections and not any("experts" in n for n in result.projections)
+    assert "\n" not in str(info.value)

@@ -10,12 +10,23 @@ Only one decoder layer and its activations sit on the compute device at a time; 
 (core.offload) only that layer is in memory at all. Passing the changed
 layer's outputs on (the default, `propagate="pruned"`) lets later layers correct for earlier changes, as
 SparseGPT and Wanda do; `propagate="dense"` feeds every layer the dense model's activations instead.
+
+Mixture-of-experts layers (core.moe) are calibrated per expert: while the layer runs, a RoutingRecorder keeps
+which experts each calibration token is routed to, and each expert's projections get the statistics of its own
+tokens only (the gate/up input: the routed hidden states; the down input: act(gate x) * up x on them, computed
+from the expert's weights as they are when the method reaches that projection). Fused stacks `[E, out, in]`
+hand methods an `ExpertStack` (one InputStats per expert); per-expert nn.Linear experts get their own InputStats
+under their own names. An expert routed fewer than `min_expert_tokens` tokens falls back to every token that
+entered the block, pushed through its own weights (its input distribution before routing); the walk reports
+each expert's token count and every fallback (docs/methods/moe_calibration.md).
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import random
+from collections.abc import Mapping
 from typing import Callable
 
 import torch
@@ -23,6 +34,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from sparseforge.core.adapter import ModelAdapter, Projection
+from sparseforge.core.moe import MoEBlock, RoutingRecorder, find_moe_blocks
 from sparseforge.core.offload import offload_store
 from sparseforge.errors import UserInputError
 
@@ -35,10 +47,19 @@ class CalibrationConfig:
     seed: int = 0
     propagate: str = "pruned"  # which outputs feed the next layer: "pruned" or "dense"
     device: str | None = None  # compute device; default: where the model's embeddings are
+    # An MoE expert routed fewer calibration tokens than this takes the statistics of all tokens entering its block.
+    min_expert_tokens: int = 16
+    # Weight each routed token's row by its routing weight in the expert's statistics (the block scales the
+    # expert's output by it); off by default, measured in docs/methods/moe_calibration.md.
+    routing_weighted: bool = False
 
     def validate(self) -> None:
         if self.samples < 1 or self.seq_len < 2:
             raise UserInputError(f"calibration needs samples >= 1 and seq_len >= 2, got {self.samples} and {self.seq_len}")
+        if not isinstance(self.min_expert_tokens, int) or self.min_expert_tokens < 1:
+            raise UserInputError(f"calibration min_expert_tokens={self.min_expert_tokens!r} must be an integer >= 1, e.g. 16")
+        if not isinstance(self.routing_weighted, bool):
+            raise UserInputError(f"calibration routing_weighted={self.routing_weighted!r} must be true or false")
         if self.propagate not in ("pruned", "dense"):
             raise UserInputError(f"calibration propagate={self.propagate!r}; allowed: pruned, dense")
 
@@ -69,6 +90,10 @@ def calibration_activation_bytes(model: nn.Module, config: CalibrationConfig) ->
     emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
     element = emb.weight.element_size() if emb is not None else 4
     copies = 3 if config.propagate == "dense" else 2
+    try:
+        copies += bool(find_moe_blocks(model))  # the routing recorder keeps each MoE layer's input once more
+    except (ValueError, UserInputError):
+        pass
     return config.samples * config.seq_len * (hidden * element * copies + 8)
 
 
@@ -134,6 +159,118 @@ class InputStats:
     def col_norm(self) -> torch.Tensor:
         """||x_j||_2 over all calibration tokens (Wanda's activation norm)."""
         return self.col_sq_sum.sqrt()
+
+
+class ExpertInputs:
+    """Per-expert input statistics of one MoE block, from the routing its layer's calibration pass recorded.
+
+    Built lazily, one expert at a time, so only that expert's statistics (an [H, H] and an [I, I] Hessian) are
+    held, not all E experts' at once. The down projection's input act(gate x) * up x is computed from the
+    expert's weights when a method first asks for it: after the method has changed that expert's gate/up (they
+    come first in module order), so the down projection is fitted to the inputs it will really see."""
+
+    def __init__(self, block: MoEBlock, recorder: RoutingRecorder, min_tokens: int, device, hessian: bool, weighted: bool = False):
+        self.block, self.device, self.hessian, self.weighted = block, device, hessian, weighted
+        self.calls = recorder.calls[block.layer_index]
+        self.tokens = [int(n) for n in recorder.counts[block.layer_index]]
+        self.min_tokens = min_tokens
+        self.fallback = [e for e, n in enumerate(self.tokens) if n < min_tokens]
+        self._cache: dict[tuple[int, str], InputStats] = {}
+
+    def stats(self, expert: int, role: str) -> InputStats:
+        key = (expert, role)
+        if key not in self._cache:
+            self._cache = {k: v for k, v in self._cache.items() if k[0] == expert}  # keep one expert's at a time
+            self._cache[key] = self._compute(expert, role)
+        return self._cache[key]
+
+    @torch.no_grad()
+    def _compute(self, expert: int, role: str) -> InputStats:
+        b = self.block
+        width = b.hidden_size if role == "in" else b.intermediate_size
+        stats = InputStats(width, self.device, hessian=self.hessian)
+        starved = expert in self.fallback
+        for hidden, index, weights in self.calls:
+            # By default unweighted by the routing weight, as a hook on a per-expert nn.Linear sees it (see the docs).
+            routed = (index == expert).any(-1)
+            x = hidden if starved else hidden[routed]
+            if not x.shape[0]:
+                continue
+            rows = x if role == "in" else b.expert_intermediate(expert, x)
+            if self.weighted and not starved:
+                # The down projection is linear, so scaling its input rows scales its output exactly; for gate/up
+                # this weights each token's contribution the same way (a first-order stand-in).
+                rows = rows * (weights * (index == expert)).sum(-1)[routed].unsqueeze(-1).to(rows.dtype)
+            stats.add_batch(rows)
+        return stats
+
+    def report(self) -> dict:
+        return {"tokens": self.tokens, "fallback": self.fallback}
+
+
+@dataclasses.dataclass
+class ExpertStack:
+    """The statistics of a fused expert weight `[E, out, in]`: `expert(e)` gives expert e's InputStats."""
+
+    inputs: ExpertInputs
+    role: str
+
+    @property
+    def num_experts(self) -> int:
+        return self.inputs.block.num_experts
+
+    def expert(self, e: int) -> InputStats:
+        return self.inputs.stats(e, self.role)
+
+
+class LayerStats(Mapping):
+    """{projection name: statistics} of one layer; MoE experts' entries are computed when first looked up."""
+
+    def __init__(self, plain: dict[str, InputStats], experts: dict[str, Callable[[], object]]):
+        self._plain, self._experts = plain, experts
+
+    def __getitem__(self, name):
+        if name in self._plain:
+            return self._plain[name]
+        return self._experts[name]()
+
+    def __iter__(self):
+        return iter({**self._plain, **self._experts})
+
+    def __len__(self) -> int:
+        return len(self._plain) + len(self._experts)
+
+
+def matrices(weight: torch.Tensor, stats):
+    """(expert index or None, 2-D weight view, its statistics) for a weight `[out, in]` or a stack `[E, out, in]`,
+    so a method treats a fused expert stack as E matrices, each with its own expert's statistics."""
+    if weight.dim() == 2:
+        return [(None, weight, stats)]
+    return [(e, weight[e], stats.expert(e) if stats is not None else None) for e in range(weight.shape[0])]
+
+
+def _expert_roles(block: MoEBlock, projections: dict[str, Projection]) -> dict[str, tuple[int | None, str]]:
+    """{projection name: (expert or None for a fused stack, role)} for the block's expert weights among
+    `projections`; a fused parameter other than gate_up_proj / down_proj is refused (its inputs are unknown)."""
+    found: dict[str, tuple[int | None, str]] = {}
+    if block.fused:
+        for name, proj in projections.items():
+            if proj.kind == "experts" and proj.module is block.experts:
+                role = {"gate_up_proj": "in", "down_proj": "down"}.get(proj.param_name)
+                if role is None:
+                    raise UserInputError(f"'{name}' is a fused expert weight whose per-expert inputs sparseforge cannot tell; "
+                                         "add it to the stage's ignore list or use magnitude for it")
+                found[name] = (None, role)
+        return found
+    by_param = {}
+    for e in range(block.num_experts):
+        for role_name, w in block.expert_weights(e).items():
+            by_param[id(w)] = (e, "down" if role_name == "down" else "in")
+    for name, proj in projections.items():
+        hit = by_param.get(id(proj.parameter))
+        if hit is not None:
+            found[name] = hit
+    return found
 
 
 class _StopForward(Exception):
@@ -235,11 +372,15 @@ def run_layerwise(
     config: CalibrationConfig | None = None,
     progress: bool = True,
     desc: str = "layers",
-) -> None:
+) -> dict | None:
     """Walk the decoder layers in order, calling `layer_fn(index, layer, projections, stats)` on each.
 
     `stats` names what the method needs per projection input: "col_norm" and/or "hessian". With no stats
-    and no batches, no forward pass runs (e.g. magnitude pruning)."""
+    and no batches, no forward pass runs (e.g. magnitude pruning). `stats[name]` is an InputStats, or for a
+    fused expert stack an ExpertStack (see `matrices`).
+
+    Returns the routing report when targeted MoE experts were calibrated, else None:
+    {"min_expert_tokens": n, "routing_weighted": bool, "blocks": {block name: {"tokens": [per expert], "fallback": [experts]}}}."""
     config = config or CalibrationConfig()
     adapter = ModelAdapter(model)
     model_device = _model_device(model)
@@ -252,15 +393,20 @@ def run_layerwise(
     if store is not None:
         store.walking = True
     try:
-        _walk(model, adapter, layer_fn, targets, ignore, batches, stats, config, progress, desc, device, model_device, store)
+        return _walk(model, adapter, layer_fn, targets, ignore, batches, stats, config, progress, desc, device, model_device, store)
     finally:
         if store is not None:
             store.walking = False
 
 
-def _walk(model, adapter, layer_fn, targets, ignore, batches, stats, config, progress, desc, device, model_device, store) -> None:
+def _walk(model, adapter, layer_fn, targets, ignore, batches, stats, config, progress, desc, device, model_device, store) -> dict | None:
     need_forward = bool(stats)
     inputs = None
+    routing: dict[str, dict] = {}
+    try:
+        moe_blocks = {b.layer_index: b for b in find_moe_blocks(model, adapter)} if need_forward else {}
+    except ValueError as exc:
+        raise UserInputError(str(exc)) from None
     if need_forward:
         # Everything but the decoder layers moves to the compute device; the layers wait where they are.
         _move_non_layers(model, adapter, device)
@@ -274,30 +420,44 @@ def _walk(model, adapter, layer_fn, targets, ignore, batches, stats, config, pro
             store.materialize(i, device)
         layer_home = next(layer.parameters()).device
         layer.to(device)
-        layer_stats: dict[str, InputStats] = {}
+        layer_stats: Mapping = {}
         dense_outputs = None
         if need_forward:
             handles = []
-            collector = _StatsCollector(device, hessian="hessian" in stats)
+            hessian = "hessian" in stats
+            collector = _StatsCollector(device, hessian=hessian)
+            block = moe_blocks.get(i)
+            # Expert weights take per-expert statistics from the recorded routing, not from hooks.
+            expert_roles = _expert_roles(block, projections) if block is not None else {}
+            recorder = RoutingRecorder([block], keep_calls=True) if expert_roles else contextlib.nullcontext()
             for name, proj in projections.items():
+                if name in expert_roles:
+                    continue
                 if not proj.is_hookable():
                     raise UserInputError(
-                        f"'{name}' is a fused expert weight whose inputs cannot be observed, so a calibrated method "
-                        "cannot score it; add '*experts*' to the stage's ignore list or use magnitude for it"
+                        f"'{name}' is a fused expert weight outside any MoE block sparseforge recognises, so a calibrated "
+                        "method cannot score it; add '*experts*' to the stage's ignore list or use magnitude for it"
                     )
                 handles.append(proj.module.register_forward_hook(collector.hook(name, proj.in_features)))
             try:
-                # With pruned propagation the dense outputs are not needed: not keeping them saves one copy
-                # of the calibration activations on the device.
-                dense_outputs = _run_layer(layer, inputs, keep=config.propagate == "dense", after_each=collector.end_batch)
+                with recorder:
+                    # With pruned propagation the dense outputs are not needed: not keeping them saves one copy
+                    # of the calibration activations on the device.
+                    dense_outputs = _run_layer(layer, inputs, keep=config.propagate == "dense", after_each=collector.end_batch)
             finally:
                 for h in handles:
                     h.remove()
-            # A projection the forward pass never called (an MoE expert no calibration token was routed to)
-            # gets empty statistics, as it would have had before sharing.
-            layer_stats = {n: collector.stats.get(n) or InputStats(p.in_features, device, hessian="hessian" in stats)
-                           for n, p in projections.items()}
+            plain = {n: collector.stats.get(n) or InputStats(p.in_features, device, hessian=hessian)
+                     for n, p in projections.items() if n not in expert_roles}
+            lazy, experts = {}, None
+            if expert_roles:
+                experts = ExpertInputs(block, recorder, config.min_expert_tokens, device, hessian, config.routing_weighted)
+                routing[block.name] = experts.report()
+                for name, (e, role) in expert_roles.items():
+                    lazy[name] = (lambda x=experts, role=role: ExpertStack(x, role)) if e is None else (lambda x=experts, e=e, role=role: x.stats(e, role))
+            layer_stats = LayerStats(plain, lazy)
         layer_fn(i, layer, projections, layer_stats)
+        layer_stats = recorder = experts = None  # frees the recorded routing before the next layer
         if need_forward and i + 1 < adapter.num_layers:
             outputs = dense_outputs if config.propagate == "dense" else _run_layer(layer, inputs)
             inputs = [_with_hidden(a, k, h) for (a, k), h in zip(inputs, outputs)]
@@ -309,6 +469,9 @@ def _walk(model, adapter, layer_fn, targets, ignore, batches, stats, config, pro
             torch.cuda.empty_cache()
     if need_forward:
         _move_non_layers(model, adapter, model_device)
+    if not routing:
+        return None
+    return {"min_expert_tokens": config.min_expert_tokens, "routing_weighted": config.routing_weighted, "blocks": routing}
 
 
 def _move_non_layers(model: nn.Module, adapter: ModelAdapter, device) -> None:

@@ -1,5 +1,9 @@
 """Weight pruning family. A pruner implements only `score(weight, stats)`: higher scores are kept. Mask
-selection by pattern (unstructured per row or per matrix, N:M) and the layer-by-layer walk are shared."""
+selection by pattern (unstructured per row or per matrix, N:M) and the layer-by-layer walk are shared.
+
+A fused MoE expert stack `[E, out, in]` is pruned as E matrices, each against its own expert's statistics
+(core.calibration.matrices), so every pruner works on experts unchanged and each expert slice satisfies the
+pattern exactly."""
 from __future__ import annotations
 
 import dataclasses
@@ -7,7 +11,7 @@ from typing import ClassVar
 
 import torch
 
-from sparseforge.core.calibration import CalibrationConfig, InputStats, calibration_batches, run_layerwise
+from sparseforge.core.calibration import CalibrationConfig, InputStats, calibration_batches, matrices, run_layerwise
 from sparseforge.core.masks import Pattern, select_mask
 from sparseforge.methods.base import Method, param
 
@@ -28,9 +32,14 @@ class StageResult:
     compare: str
     projections: list[str]
     layer_sparsity: dict[int, float] | None = None  # per decoder layer, when not uniform (OWL)
+    # MoE calibration: tokens routed to each expert and the experts that fell back (core.calibration.run_layerwise)
+    routing: dict | None = None
 
     def to_json(self) -> dict:
-        return dataclasses.asdict(self)
+        out = dataclasses.asdict(self)
+        if out["routing"] is None:  # dense models' reports stay as they were
+            del out["routing"]
+        return out
 
 
 class WeightPruner(Method):
@@ -82,8 +91,12 @@ class WeightPruner(Method):
         def prune_layer(index, layer, projections, stats):
             for name, proj in projections.items():
                 w = proj.weight()
-                proj.set_weight(self.prune_projection(name, w.float(), stats.get(name), self.pattern_for(index)).to(w.dtype))
+                if w.dim() == 2:
+                    proj.set_weight(self.prune_projection(name, w.float(), stats.get(name), self.pattern_for(index)).to(w.dtype))
+                else:  # an expert stack: expert by expert, in place, so each sees the others' weights as they are
+                    for e, we, se in matrices(w, stats.get(name)):
+                        we.copy_(self.prune_projection(name, we.float(), se, self.pattern_for(index)).to(w.dtype))
                 pruned.append(name)
 
-        run_layerwise(model, prune_layer, targets, ignore, batches, self.needs_stats, calibration, progress, desc=self.name)
-        return StageResult(self.name, str(self.pattern), self.compare, pruned, self.layer_sparsity)
+        routing = run_layerwise(model, prune_layer, targets, ignore, batches, self.needs_stats, calibration, progress, desc=self.name)
+        return StageResult(self.name, str(self.pattern), self.compare, pruned, self.layer_sparsity, routing)

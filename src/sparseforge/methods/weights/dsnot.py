@@ -117,8 +117,6 @@ class DSnoT(WeightPruner):
         return self.prune_weight(weight, stats, pattern)
 
     def prune_weight(self, weight, stats, pattern):
-        if weight.dim() != 2:
-            raise UserInputError("dsnot repairs 2-D weights only; ignore fused expert weights ('*experts*')")
         pruned = self.base.prune_weight(weight, stats, pattern)
         # Revived weights take their dense values: DSnoT does not update weights, only the mask.
         return dsnot_repair(weight, pruned, stats.col_mean, stats.col_norm, self.params.max_cycles, self.params.tolerance,

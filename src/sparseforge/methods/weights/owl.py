@@ -9,7 +9,7 @@ import dataclasses
 
 import torch
 
-from sparseforge.core.calibration import CalibrationConfig, calibration_batches, run_layerwise
+from sparseforge.core.calibration import CalibrationConfig, calibration_batches, matrices, run_layerwise
 from sparseforge.errors import UserInputError
 from sparseforge.methods.base import Method, get_method, param, register, registered
 from sparseforge.methods.weights.base import StageResult, WeightPruner
@@ -31,7 +31,9 @@ def outlier_ratios(model, tokenizer, targets, ignore, calibration: CalibrationCo
     ratios: dict[int, float] = {}
 
     def measure(index, layer, projections, stats):
-        scores = torch.cat([(p.weight().float().abs() * stats[n].col_norm.to(p.weight().device)).flatten() for n, p in projections.items()])
+        # A fused expert stack counts as its E matrices, each scored with its own expert's input norms.
+        scores = torch.cat([(w.float().abs() * s.col_norm.to(w.device)).flatten()
+                            for n, p in projections.items() for _, w, s in matrices(p.weight(), stats[n])])
         ratios[index] = (scores > threshold * scores.mean()).float().mean().item()
 
     cal = dataclasses.replace(calibration, propagate="dense")

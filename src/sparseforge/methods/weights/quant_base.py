@@ -8,7 +8,7 @@ from typing import ClassVar
 
 import torch
 
-from sparseforge.core.calibration import CalibrationConfig, calibration_batches, run_layerwise
+from sparseforge.core.calibration import CalibrationConfig, calibration_batches, matrices, run_layerwise
 from sparseforge.core.obs import ObsResult
 from sparseforge.core.quantizer import BITS, QuantScheme, quantize_rtn, record_quantized
 from sparseforge.errors import UserInputError
@@ -62,18 +62,23 @@ class WeightQuantizer(Method):
         def quantize_layer(index, layer, projections, stats):
             for name, proj in projections.items():
                 w = proj.weight()
-                if w.dim() != 2:
-                    raise UserInputError(f"{self.name} quantizes 2-D weights only; ignore fused expert weights ('*experts*')")
-                result = self.quantize_projection(w.float(), stats.get(name))
-                proj.set_weight(result.weight.to(w.dtype))
-                records[proj.state_key] = result.quantized
+                if w.dim() == 2:
+                    result = self.quantize_projection(w.float(), stats.get(name))
+                    proj.set_weight(result.weight.to(w.dtype))
+                    records[proj.state_key] = result.quantized
+                else:
+                    # A fused expert stack, expert by expert with its own statistics. Its codes are not recorded:
+                    # packed storage and the integer kernels read 2-D weights, so the stack keeps its
+                    # dequantized values in float (exactly on each expert's grid).
+                    for e, we, se in matrices(w, stats.get(name)):
+                        we.copy_(self.quantize_projection(we.float(), se).weight.to(w.dtype))
                 done.append(name)
 
-        run_layerwise(model, quantize_layer, targets, ignore, batches, self.needs_stats, calibration, progress, desc=self.name)
+        routing = run_layerwise(model, quantize_layer, targets, ignore, batches, self.needs_stats, calibration, progress, desc=self.name)
         if self.params.embedding_bits:
             records.update(_round_embeddings(model, QuantScheme(self.params.embedding_bits, self.params.symmetric, self.params.group_size)))
         record_quantized(model, records)
-        return QuantStageResult(self.name, self.pattern_name, "none", done, None, self.report_quant())
+        return QuantStageResult(self.name, self.pattern_name, "none", done, None, routing, quant=self.report_quant())
 
 
 def _round_embeddings(model, scheme: QuantScheme) -> dict:

@@ -45,8 +45,6 @@ class SparseGPT(WeightPruner):
             raise UserInputError(f"{where}dampening {params.dampening} must be in [0, 1), e.g. 0.01")
 
     def prune_weight(self, weight: torch.Tensor, stats, pattern: Pattern) -> torch.Tensor:
-        if weight.dim() != 2:
-            raise UserInputError("sparsegpt prunes 2-D weights only; ignore fused expert weights ('*experts*')")
         return sparsegpt_prune(weight, stats.hessian, pattern, self.params.blocksize, self.params.dampening)
 
 

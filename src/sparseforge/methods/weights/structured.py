@@ -464,4 +464,4 @@ class Structured(Method):
                                           "head_dim": hd, "mode": hp.mode, "removed": removed_heads}
             parts.append(f"heads@{self.params.head_sparsity:g}")
         # No ':' in the pattern: artifact storage reads 'N:M' from it.
-        return StructuredResult(self.name, "+".join(parts), "layer", changed, None, removed)
+        return StructuredResult(self.name, "+".join(parts), "layer", changed, None, removed=removed)
