@@ -23,5 +23,9 @@ python benchmarks/activation_triton.py
 python -m pytest -q tests/test_attention.py || tests_ok=1
 python benchmarks/attention_speed.py --device cuda --lengths 4096 8192 16384 32768 65536 --out attention_speed_gpu
 python benchmarks/moe_offload.py --device cuda  # issue 15: expert offload, storage cpu (pinned) -> CUDA cache, max_memory_allocated; skips without CUDA
+# Issue 10: the KV scale grid on the GPU (max_memory_allocated per phase; kvpress is not installed there) and the
+# press-vs-full time ratios, into kv_scale_gpu.json and kv_speed_gpu.json.
+python benchmarks/kv_scale.py --device cuda --variants full,full-chunked,press,press-chunked,kivi --timeout 900
+python benchmarks/kv_speed.py --device cuda --lengths 4096,16384,32768
 if [ -n "${OUT:-}" ]; then mkdir -p "$OUT" && cp -r benchmarks/results "$OUT/"; fi
 exit $tests_ok

@@ -99,6 +99,33 @@ class Phase:
         return False
 
 
+class CudaPhase:
+    """Phase's counterpart on a GPU: p.peak is torch.cuda.max_memory_allocated during the phase (reset at its
+    start), p.delta the peak minus what was allocated at its start, p.start_rss what was allocated at its start
+    (named like Phase's so the tables need no second schema)."""
+
+    def __enter__(self):
+        import gc
+
+        import torch
+
+        gc.collect()
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        self.start_rss = torch.cuda.memory_allocated()
+        self.t0 = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc):
+        import torch
+
+        torch.cuda.synchronize()
+        self.seconds = time.perf_counter() - self.t0
+        self.peak = torch.cuda.max_memory_allocated()
+        self.delta = self.peak - self.start_rss
+        return False
+
+
 def tensor_bytes(obj, seen=None) -> int:
     """Exact bytes of every distinct tensor reachable from a cache object's layers (keys, values, packed codes,
     scales, residual windows): the generic count for caches that are not sparseforge's own."""

@@ -16,7 +16,10 @@ Usage (the sparseforge environment; every cell a fresh process, results written 
 can be stopped and resumed: cells already in the JSON are skipped unless --redo):
     python benchmarks/kv_scale.py [--lengths 4096,8192] [--presses snapkv,streaming_llm] [--ratios 0.75,0.875]
         [--variants full,press,press-chunked,kivi,kvpress] [--chunk 1024] [--new-tokens 8] [--threads 1]
-        [--kvpress-python /work/venv-kvpress/bin/python]
+        [--kvpress-python /work/venv-kvpress/bin/python] [--device cuda]
+
+On a GPU (`--device cuda`, results in kv_scale_gpu.json unless --name says otherwise) the model and cache live on
+the device and the peak columns are torch.cuda.max_memory_allocated per phase (reset at the phase's start).
 
 Cost model (why the defaults are what they are): per token and layer the projections cost 2 x 54.5 M FLOP
 (q and o 4096x4096, k and v 4096x1024, MLP 3 x 4096x1024); causal attention over L tokens costs 32 heads x
@@ -74,8 +77,11 @@ def _decode(model, cache, first, start_pos: int, steps: int):
     token, times = first, []
     for i in range(steps):
         t0 = time.perf_counter()
-        out = model(input_ids=token, past_key_values=cache, position_ids=torch.tensor([[start_pos + i]]), use_cache=True)
+        out = model(input_ids=token, past_key_values=cache, position_ids=torch.tensor([[start_pos + i]], device=token.device),
+                    use_cache=True)
         token = out.logits[:, -1:].argmax(-1)
+        if token.is_cuda:
+            torch.cuda.synchronize()
         times.append(time.perf_counter() - t0)
     return times
 
@@ -84,8 +90,10 @@ def cell(spec: dict) -> dict:
     """Run one variant at one length; prints nothing itself, returns the measurements."""
     import torch
 
-    model = build_model(spec["threads"])
-    ids = prompt(spec["length"])
+    device = spec.get("device", "cpu")
+    model = build_model(spec["threads"]).to(device)
+    ids = prompt(spec["length"]).to(device)
+    Phase = kc.CudaPhase if device == "cuda" else kc.Phase
     tool, variant = spec["tool"], spec["variant"]
     press = None
     chunk = spec.get("chunk")
@@ -114,7 +122,7 @@ def cell(spec: dict) -> dict:
     with torch.inference_mode():
         cache = DynamicCache()
         peak_cache = 0
-        with kc.Phase() as pre:
+        with Phase() as pre:
             chunks = [ids] if not chunk else list(ids.split(chunk, dim=1))
             import contextlib
 
@@ -128,7 +136,7 @@ def cell(spec: dict) -> dict:
         after_prefill = cache_bytes(cache)
         peak_cache = max(peak_cache, after_prefill, getattr(press, "peak_cache_bytes", 0) or 0)
         held = kc.cache_tokens(cache)
-        with kc.Phase() as dec:
+        with Phase() as dec:
             steps = _decode(model, cache, first, n, spec["new_tokens"])
         after_decode = cache_bytes(cache)
     full_f16 = 2 * CONFIG["num_hidden_layers"] * CONFIG["num_key_value_heads"] * CONFIG["head_dim"] * n * 2
@@ -136,7 +144,8 @@ def cell(spec: dict) -> dict:
             "decode_peak_bytes": dec.peak, "decode_delta_bytes": dec.delta, "ttft_s": pre.seconds,
             "tpot_s": statistics.median(steps) if steps else None, "decode_steps": len(steps),
             "cache_bytes_after_prefill": after_prefill, "cache_bytes_peak": peak_cache, "cache_bytes_after_decode": after_decode,
-            "cache_tokens_per_layer": held, "full_cache_fp16_bytes": full_f16, "env": kc.machine(spec["threads"])}
+            "cache_tokens_per_layer": held, "full_cache_fp16_bytes": full_f16, "env": kc.machine(spec["threads"]) | {"device": device},
+            "memory": "cuda max_memory_allocated" if device == "cuda" else "resident set"}
 
 
 # ------------------------------------------------------------------------------------------------ driver
@@ -146,6 +155,8 @@ def cell_key(c: dict) -> str:
              str(c["length"])]
     if c.get("params"):
         parts.append(json.dumps(c["params"], sort_keys=True))
+    if c.get("device"):
+        parts.append(c["device"])
     return "|".join(parts)
 
 
@@ -153,6 +164,8 @@ def plan(args) -> list[dict]:
     cells = []
     for L in args.lengths:
         base = {"length": L, "threads": args.threads, "new_tokens": args.new_tokens}
+        if args.device != "cpu":
+            base["device"] = args.device  # cpu cells keep their old keys
         for v in args.variants:
             if v == "full":
                 cells.append(base | {"tool": "sparseforge", "variant": "full"})
@@ -188,12 +201,14 @@ def label(c: dict) -> str:
 def markdown(doc: dict) -> str:
     rows = doc["cells"]
     env = next((r["result"]["env"] for r in rows if "env" in r.get("result", {})), kc.machine())
+    gpu = env.get("device") == "cuda"
+    memory = "torch.cuda.max_memory_allocated" if gpu else "the process's resident set"
     lines = [f"# KV cache at scale: 8B-shaped attention, random weights\n",
              f"Machine: {kc.machine_line(env)}. Produced by `benchmarks/kv_scale.py` (command in the JSON). Model: Llama, "
              f"hidden 4096, 32 query heads, 8 KV heads, head size 128, {CONFIG['num_hidden_layers']} layers, MLP 1024, "
-             f"vocabulary 1024, float32 weights and cache, sdpa attention, batch 1. Peak memory is the process's resident "
-             f"set during the phase (fresh process per cell; the 'peak' columns are absolute, 'prefill +' is the rise over "
-             f"the resident size before the prefill: model weights and runtime included in the first, not the second). "
+             f"vocabulary 1024, float32 weights and cache, sdpa attention, batch 1. Peak memory is {memory} during the phase "
+             f"(fresh process per cell; the 'peak' columns are absolute, 'prefill +' is the rise over what was "
+             f"{'allocated' if gpu else 'resident'} before the prefill: model weights included in the first, not the second). "
              f"Cache MiB: the cache's exact bytes after prefill; fp16-equiv.: what the full cache would take in float16. "
              f"TTFT: the whole prefill through the first token; TPOT: median of {doc['args']['new_tokens']} decode steps.\n",
              "| length | variant | prefill peak MiB | prefill + MiB | decode peak MiB | cache MiB | cache peak MiB | cache / fp16 full | TTFT s | TPOT ms |",
@@ -261,9 +276,18 @@ def main() -> None:
     ap.add_argument("--kvpress-python", default=DEFAULT_KVPRESS_PYTHON)
     ap.add_argument("--redo", action="store_true", help="rerun cells already in the results")
     ap.add_argument("--timeout", type=float, default=3000, help="seconds per cell")
-    ap.add_argument("--name", default=NAME, help="results file stem (a smoke run should not overwrite the real one)")
+    ap.add_argument("--name", default=None, help="results file stem (a smoke run should not overwrite the real one); "
+                    "default kv_scale, or kv_scale_gpu with --device cuda")
+    ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     ap.add_argument("--merge", default="", help="results file stems whose cells are copied in (runs made in parallel); then exit")
     args = ap.parse_args()
+    if args.device == "cuda" and not args.cell:
+        import torch
+
+        if not torch.cuda.is_available():
+            sys.exit("kv_scale.py: --device cuda but torch sees no CUDA GPU; run on a GPU machine or drop --device")
+    if args.name is None:
+        args.name = NAME if args.device == "cpu" else f"{NAME}_gpu"
     if args.cell:
         print(json.dumps(cell(json.loads(args.cell))))
         return

@@ -84,21 +84,29 @@ def test_residual_window_is_respected_after_a_long_prefill():
     assert layer.get_seq_length() == 1000
 
 
-def test_attention_reads_the_dequantized_cache():
-    """Keys and values handed to attention = dequantized stored codes (recomputed here from the packed bytes),
-    then the full-precision residual, then the new token."""
+@pytest.mark.parametrize("bits,group,dtype", [(2, 16, torch.float32), (4, 8, torch.float32), (4, 32, torch.float32),
+                                             (2, 16, torch.float16), (4, 16, torch.bfloat16)])
+def test_attention_reads_the_dequantized_cache(bits, group, dtype):
+    """Keys and values handed to attention = dequantized stored codes (recomputed here from the packed bytes, in
+    float32 and rounded once to the model's dtype), then the full-precision residual, then the new token. Covers the
+    in-place float32 path (value groups inside a head: 16 and 8 of 16 channels) and the others (a 32-channel value
+    group spanning both heads; float16 and bfloat16 caches)."""
     torch.manual_seed(0)
-    layer = KIVILayer(bits=2, group_size=16, residual_length=16)
-    layer.update(torch.randn(1, 2, 100, 16), torch.randn(1, 2, 100, 16))
-    new_k, new_v = torch.randn(1, 2, 1, 16), torch.randn(1, 2, 1, 16)
+    layer = KIVILayer(bits=bits, group_size=group, residual_length=16)
+    layer.update(torch.randn(1, 2, 100, 16, dtype=dtype), torch.randn(1, 2, 100, 16, dtype=dtype))
+    for _ in range(group + 1):  # decode past one more flush, so there are two segments
+        layer.update(torch.randn(1, 2, 1, 16, dtype=dtype), torch.randn(1, 2, 1, 16, dtype=dtype))
+    assert len(layer.segments) == 2
+    new_k, new_v = torch.randn(1, 2, 1, 16, dtype=dtype), torch.randn(1, 2, 1, 16, dtype=dtype)
     segs, residual_k, residual_v = list(layer.segments), layer.keys.clone(), layer.values.clone()
     got_k, got_v = layer.update(new_k, new_v)
+    assert got_k.dtype == dtype and got_v.dtype == dtype
     ref_k, ref_v = [], []
     for s in segs:
-        k = unpack(s.key_codes, 2).float() * s.key_scale.float() + s.key_min.float()  # [b, h, blocks, block, d]
-        ref_k.append(k.reshape(1, 2, -1, 16))
-        v = unpack(s.value_codes, 2).float() * s.value_scale.float() + s.value_min.float()  # [b, n, groups, g]
-        ref_v.append(v.reshape(1, -1, 2, 16).transpose(1, 2))
+        k = unpack(s.key_codes, bits).float() * s.key_scale.float() + s.key_min.float()  # [b, h, blocks, block, d]
+        ref_k.append(k.reshape(1, 2, -1, 16).to(dtype))
+        v = unpack(s.value_codes, bits).float() * s.value_scale.float() + s.value_min.float()  # [b, n, groups, g]
+        ref_v.append(v.reshape(1, -1, 2, 16).transpose(1, 2).to(dtype))
     torch.testing.assert_close(got_k, torch.cat(ref_k + [residual_k, new_k], dim=2), rtol=0, atol=0)
     torch.testing.assert_close(got_v, torch.cat(ref_v + [residual_v, new_v], dim=2), rtol=0, atol=0)
 

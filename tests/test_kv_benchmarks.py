@@ -55,3 +55,43 @@ def test_phase_sees_an_allocation_made_and_freed_inside_it():
         del x
     assert p.delta >= 60 * 2**20
     assert p.peak >= p.start_rss + p.delta - 1
+
+
+def test_kv_speed_variant_leaves_the_model_as_it_was(monkeypatch):
+    """kv_speed.py runs every variant on one model instance: each press must be gone after its run, so the next
+    variant (the full cache included) runs on the model as it was."""
+    import kv_scale
+    import kv_speed
+
+    monkeypatch.setattr(kv_scale, "CONFIG", dict(kv_scale.CONFIG, hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
+                                                 head_dim=16, intermediate_size=64, vocab_size=128))
+    model = kv_scale.build_model(1)
+    ids = kv_scale.prompt(96)
+
+    def logits():
+        with torch.inference_mode():
+            return model(input_ids=ids, use_cache=False).logits
+
+    before = logits()
+    args = type("A", (), {"presses": list(kv_scale.PRESSES), "chunked": ["snapkv"], "chunk": 32, "kivi_bits": [4, 2],
+                          "ratio": 0.875})()
+    labels = [v["label"] for v in kv_speed.variants(args)]
+    assert labels[0] == "full cache" and "snapkv 0.875, chunked 32" in labels and "kivi 2-bit" in labels
+    for v in kv_speed.variants(args):
+        ttft, tpot = kv_speed.run_variant(model, ids, v, new_tokens=2)
+        assert ttft > 0 and tpot > 0
+        assert getattr(model, "_sparseforge_kv_press", None) is None
+        assert torch.equal(logits(), before), v["label"]
+
+
+def test_kv_scale_cpu_cells_keep_their_keys_and_gpu_cells_differ():
+    """Existing CPU results are resumed by key, so adding --device must not change a CPU cell's key."""
+    import kv_scale
+
+    base = dict(lengths=[4096], threads=1, new_tokens=8, variants=["full", "press"], presses=["snapkv"], ratios=[0.875],
+                chunk=1024, kivi_bits=[4], kvpress_presses=["snapkv"], kvpress_ratio=0.875)
+    cpu = kv_scale.plan(type("A", (), base | {"device": "cpu"})())
+    gpu = kv_scale.plan(type("A", (), base | {"device": "cuda"})())
+    assert [kv_scale.cell_key(c) for c in cpu] == ["sparseforge|full|-|0|chunk0|4096", "sparseforge|press|snapkv|0.875|chunk0|4096"]
+    assert all("device" not in c for c in cpu) and all(c["device"] == "cuda" for c in gpu)
+    assert not {kv_scale.cell_key(c) for c in cpu} & {kv_scale.cell_key(c) for c in gpu}
