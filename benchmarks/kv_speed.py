@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import statistics
 import sys
 import time
@@ -72,14 +71,7 @@ def run_variant(model, ids, v: dict, new_tokens: int) -> tuple[float, float]:
             token = out.logits[:, -1:].argmax(-1)
             sync()
             ttft = time.perf_counter() - t0
-            steps = []
-            for i in range(new_tokens):
-                t0 = time.perf_counter()
-                out = model(input_ids=token, past_key_values=cache, position_ids=torch.tensor([[n + i]], device=ids.device),
-                            use_cache=True)
-                token = out.logits[:, -1:].argmax(-1)
-                sync()
-                steps.append(time.perf_counter() - t0)
+            steps = kv_scale._decode(model, cache, token, n, new_tokens)  # the scale grid's decode loop, timed per step
         return ttft, statistics.median(steps)
     finally:
         if press is not None:
