@@ -203,7 +203,7 @@ def markdown(doc: dict) -> str:
     env = next((r["result"]["env"] for r in rows if "env" in r.get("result", {})), kc.machine())
     gpu = env.get("device") == "cuda"
     memory = "torch.cuda.max_memory_allocated" if gpu else "the process's resident set"
-    lines = [f"# KV cache at scale: 8B-shaped attention, random weights\n",
+    lines = ["# KV cache at scale: 8B-shaped attention, random weights\n",
              f"Machine: {kc.machine_line(env)}. Produced by `benchmarks/kv_scale.py` (command in the JSON). Model: Llama, "
              f"hidden 4096, 32 query heads, 8 KV heads, head size 128, {CONFIG['num_hidden_layers']} layers, MLP 1024, "
              f"vocabulary 1024, float32 weights and cache, sdpa attention, batch 1. Peak memory is {memory} during the phase "
